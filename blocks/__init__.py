@@ -1,0 +1,52 @@
+"""Prefect Blocks and the live connection for ComfyUI.
+
+- :class:`ComfyUIServer` (``server.py``): the Block with settings and secrets.
+- :class:`ComfyUIConnection` (``connection.py``): one WebSocket + HTTP session, the reader
+  thread that routes messages by ``prompt_id``.
+- ``protocol.py``: message parsing and the per-prompt tracker, no I/O.
+- ``workflow.py``: workflow templates, parameter bindings and seeds.
+- ``errors.py``: one exception type per failure a user can meet.
+"""
+
+from .connection import ComfyUIConnection, ConnectionStats, PromptOutcome
+from .errors import (
+    AuthenticationFailed,
+    ComfyUIError,
+    ConnectionLost,
+    ExecutionInterrupted,
+    GenerationTimeout,
+    NodeExecutionError,
+    OutputError,
+    PromptValidationError,
+    ServerError,
+    ServerUnreachable,
+    WorkflowError,
+)
+from .protocol import OutputRef, PromptEvent, PromptTracker, outputs_from_history
+from .server import ComfyUIServer
+
+__all__ = [
+    "AuthenticationFailed",
+    "ComfyUIConnection",
+    "ComfyUIError",
+    "ComfyUIServer",
+    "ConnectionLost",
+    "ConnectionStats",
+    "ExecutionInterrupted",
+    "GenerationTimeout",
+    "NodeExecutionError",
+    "OutputError",
+    "OutputRef",
+    "PromptEvent",
+    "PromptOutcome",
+    "PromptTracker",
+    "PromptValidationError",
+    "ServerError",
+    "ServerUnreachable",
+    "WorkflowError",
+    "ComfyUIWorkflow",
+    "SeedMode",
+    "choose_seed",
+    "load_workflow_file",
+    "outputs_from_history",
+]

@@ -1,0 +1,167 @@
+"""Every failure a user can meet, one exception type each.
+
+Each message names what failed and what to do about it. All inherit from
+:class:`ComfyUIError`, so ``except ComfyUIError`` catches anything this package raises
+about ComfyUI itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+
+class ComfyUIError(Exception):
+    """Base class for every error this package raises about ComfyUI."""
+
+
+class ServerUnreachable(ComfyUIError):
+    """The ComfyUI server could not be reached (HTTP or WebSocket) at ``url``."""
+
+    def __init__(self, url: str, reason: str):
+        self.url = url
+        self.reason = reason
+        super().__init__(
+            f"ComfyUI server at {url} is unreachable: {reason}. "
+            "Check that ComfyUI is running and that the URL (host, port, http/https) is right."
+        )
+
+
+class AuthenticationFailed(ComfyUIError):
+    """The server answered 401 or 403: the API key or headers were refused."""
+
+    def __init__(self, url: str, status: int):
+        self.url = url
+        self.status = status
+        super().__init__(
+            f"ComfyUI server at {url} refused the credentials (HTTP {status}). "
+            "Check the api_key / headers of the ComfyUIServer block."
+        )
+
+
+class WorkflowError(ComfyUIError):
+    """The workflow file or its bindings cannot be used; nothing was sent to the server."""
+
+
+def _format_node_errors(node_errors: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for node_id, entry in (node_errors or {}).items():
+        class_type = entry.get("class_type", "?") if isinstance(entry, Mapping) else "?"
+        errors = entry.get("errors", []) if isinstance(entry, Mapping) else []
+        for err in errors or [{}]:
+            extra = err.get("extra_info") or {}
+            input_name = extra.get("input_name")
+            where = f"node {node_id} ({class_type})"
+            if input_name:
+                where += f" input '{input_name}'"
+            message = err.get("message", "invalid")
+            details = err.get("details")
+            text = f"{where}: {message}"
+            if details and details != input_name:
+                text += f" ({details})"
+            lines.append(text)
+    return lines
+
+
+class PromptValidationError(ComfyUIError):
+    """``POST /prompt`` answered 400: the server rejected the prompt before queueing it.
+
+    Attributes:
+        error: the top-level ``error`` object (``type``, ``message``, ``details``).
+        node_errors: ``{node_id: {"class_type", "errors": [...], "dependent_outputs"}}``.
+    """
+
+    def __init__(self, error: Mapping[str, Any] | None, node_errors: Mapping[str, Any] | None):
+        self.error = dict(error or {})
+        self.node_errors = dict(node_errors or {})
+        head = self.error.get("message") or "prompt rejected"
+        details = self.error.get("details")
+        if details and not self.node_errors:
+            head += f" ({details})"
+        lines = _format_node_errors(self.node_errors)
+        text = f"ComfyUI rejected the prompt: {head}"
+        if lines:
+            text += "; " + "; ".join(lines)
+        text += ". Fix the workflow (or its bindings) and run again."
+        super().__init__(text)
+
+
+class NodeExecutionError(ComfyUIError):
+    """A node raised while the prompt ran (``execution_error`` message)."""
+
+    def __init__(
+        self,
+        prompt_id: str,
+        node_id: str | None,
+        node_type: str | None,
+        exception_type: str | None,
+        exception_message: str | None,
+    ):
+        self.prompt_id = prompt_id
+        self.node_id = node_id
+        self.node_type = node_type
+        self.exception_type = exception_type
+        self.exception_message = (exception_message or "").strip()
+        super().__init__(
+            f"ComfyUI node {node_id} ({node_type}) failed in prompt {prompt_id}: "
+            f"{exception_type}: {self.exception_message}. "
+            "Check the node's inputs and the ComfyUI server log."
+        )
+
+
+class ExecutionInterrupted(ComfyUIError):
+    """The prompt was interrupted on the server (``execution_interrupted`` message)."""
+
+    def __init__(self, prompt_id: str, node_id: str | None = None, node_type: str | None = None):
+        self.prompt_id = prompt_id
+        self.node_id = node_id
+        self.node_type = node_type
+        where = f" at node {node_id} ({node_type})" if node_id else ""
+        super().__init__(
+            f"ComfyUI prompt {prompt_id} was interrupted{where}. "
+            "Someone pressed Cancel or called /interrupt; run it again if it is still wanted."
+        )
+
+
+class GenerationTimeout(ComfyUIError):
+    """The prompt did not finish within ``generation_timeout_s`` seconds."""
+
+    def __init__(self, prompt_id: str, timeout_s: float, last_event: str | None = None):
+        self.prompt_id = prompt_id
+        self.timeout_s = timeout_s
+        seen = f" (last seen: {last_event})" if last_event else ""
+        super().__init__(
+            f"ComfyUI prompt {prompt_id} did not finish within {timeout_s:g} s{seen}. "
+            "Raise generation_timeout_s on the ComfyUIServer block if the workflow is that slow."
+        )
+
+
+class ConnectionLost(ComfyUIError):
+    """The WebSocket to the server closed while prompts were in flight."""
+
+    def __init__(self, url: str, reason: str, prompt_id: str | None = None):
+        self.url = url
+        self.reason = reason
+        self.prompt_id = prompt_id
+        which = f" while waiting for prompt {prompt_id}" if prompt_id else ""
+        super().__init__(
+            f"WebSocket to ComfyUI at {url} was lost{which}: {reason}. "
+            "The server may have restarted or a proxy dropped the socket; run again."
+        )
+
+
+class ServerError(ComfyUIError):
+    """The server answered with an unexpected HTTP status (5xx or other)."""
+
+    def __init__(self, method: str, url: str, status: int, body: str):
+        self.method = method
+        self.url = url
+        self.status = status
+        self.body = body
+        super().__init__(
+            f"ComfyUI {method} {url} answered HTTP {status}: {body[:300]}. "
+            "Look at the ComfyUI server log."
+        )
+
+
+class OutputError(ComfyUIError):
+    """An output file could not be downloaded or written."""

@@ -1,0 +1,101 @@
+"""The ``ComfyUIServer`` Prefect Block: where a ComfyUI server is and how to talk to it."""
+
+from __future__ import annotations
+
+from typing import Optional
+from urllib.parse import urlsplit
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr, field_validator
+
+from .connection import ComfyUIConnection, ws_url_for
+
+
+class ComfyUIServer(Block):
+    """Settings of one ComfyUI server; :meth:`connect` opens the live connection.
+
+    The WebSocket URL is derived from ``url`` (http -> ws, https -> wss). An ``api_key`` is
+    sent as ``Authorization: Bearer <key>`` on every HTTP request and on the WebSocket
+    upgrade, and is never logged.
+
+    Example:
+        ```python
+        from blocks.server import ComfyUIServer
+
+        server = ComfyUIServer.load("BLOCK_NAME")
+        with server.connect() as connection:
+            print(connection.system_stats())
+        ```
+    """
+
+    _block_type_name = "ComfyUI Server"
+    _block_type_slug = "comfyui-server"
+    _description = "A ComfyUI server (HTTP + WebSocket) that runs generation workflows."
+    _documentation_url = "https://docs.comfy.org/development/comfyui-server/comms_routes"
+
+    url: str = Field(
+        default="http://127.0.0.1:8188",
+        description="Base URL of the ComfyUI server, http or https (the WebSocket URL is derived).",
+    )
+    api_key: Optional[SecretStr] = Field(
+        default=None,
+        description="API key sent as 'Authorization: Bearer <key>' on HTTP and WebSocket.",
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra HTTP headers sent on every request and on the WebSocket upgrade.",
+    )
+    verify_tls: bool = Field(
+        default=True, description="Verify the server's TLS certificate for https/wss."
+    )
+    connect_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds allowed to reach the server and open the WebSocket.",
+    )
+    generation_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Seconds one generation may take from submit to completion.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"ComfyUI url must look like http://host:8188 or https://host, got {value!r}"
+            )
+        return value.strip().rstrip("/")
+
+    def request_headers(self) -> dict[str, str]:
+        """The headers sent on HTTP and WebSocket: ``headers`` plus ``Authorization`` if set."""
+        headers = dict(self.headers)
+        if self.api_key is not None and self.api_key.get_secret_value():
+            headers["Authorization"] = f"Bearer {self.api_key.get_secret_value()}"
+        return headers
+
+    def ws_url(self, client_id: str) -> str:
+        """The WebSocket URL for ``client_id``: ``ws(s)://host/ws?clientId=<client_id>``."""
+        return ws_url_for(self.url, client_id)
+
+    def connect(self) -> ComfyUIConnection:
+        """Open one connection: ``GET /system_stats``, then ``/ws?clientId=<uuid4>``.
+
+        Returns:
+            an open :class:`ComfyUIConnection`; use it as a context manager or call
+            ``close()`` in a ``finally``.
+
+        Raises:
+            ServerUnreachable: within ``connect_timeout_s`` seconds, naming the URL.
+            AuthenticationFailed: the server refused the API key (401/403).
+        """
+        connection = ComfyUIConnection(
+            self.url,
+            headers=self.request_headers(),
+            verify_tls=self.verify_tls,
+            connect_timeout_s=self.connect_timeout_s,
+            generation_timeout_s=self.generation_timeout_s,
+        )
+        return connection.open()

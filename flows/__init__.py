@@ -1,0 +1,1 @@
+"""Prefect flows: ``generate_content`` and the ``comfy-pipeline`` CLI."""

@@ -1,0 +1,167 @@
+"""The ``generate-content`` flow: descriptions in, images or videos on disk, a report in the UI.
+
+One ComfyUI connection is acquired per flow run, the ``generate`` task is mapped over
+descriptions × variants on it, the connection is released in ``finally``, then the
+artifacts are written. One failed generation never stops the others; if any failed, the
+flow run ends Failed with "N of M generations failed" after the report is written.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Optional, Union
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.futures import as_completed
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
+
+from blocks.connection import ComfyUIConnection
+from blocks.server import ComfyUIServer
+from blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed
+from tasks.generate import generate
+from tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
+from tasks.report import Outcome, ProgressReport, RunFacts, write_report
+
+#: Generations in flight at once on one connection (threads of the task runner).
+DEFAULT_CONCURRENCY = 8
+
+
+def plan_generations(
+    descriptions: list[str],
+    variants: int,
+    seed_mode: SeedMode,
+    base_seed: Optional[int],
+    *,
+    uses_seed: bool = True,
+) -> list[GenerationSpec]:
+    """Every (description, variant) pair with its seed and a client-chosen ``prompt_id``.
+
+    Order is description-major: ``[d0v0, d0v1, d1v0, ...]``; ``position`` is 1-based.
+    ``seed`` is ``None`` when the workflow binds no seed (``uses_seed=False``).
+    """
+    rng = random.Random()
+    total = len(descriptions) * variants
+    specs = []
+    for index, description in enumerate(descriptions):
+        for variant in range(variants):
+            seed = (
+                choose_seed(seed_mode, base_seed=base_seed, index=index, variant=variant,
+                            variants=variants, rng=rng)
+                if uses_seed
+                else None
+            )
+            specs.append(
+                GenerationSpec(
+                    index=index,
+                    variant=variant,
+                    description=description,
+                    seed=seed,
+                    prompt_id=str(uuid.uuid4()),
+                    position=len(specs) + 1,
+                    total=total,
+                )
+            )
+    return specs
+
+
+def _load_workflow(workflow: Union[ComfyUIWorkflow, str]) -> ComfyUIWorkflow:
+    if isinstance(workflow, ComfyUIWorkflow):
+        return workflow
+    return ComfyUIWorkflow.from_file(workflow)
+
+
+@flow(
+    name="generate-content",
+    task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_CONCURRENCY),
+    log_prints=True,
+)
+def generate_content(
+    server: ComfyUIServer,
+    workflow: Union[ComfyUIWorkflow, str],
+    descriptions: Annotated[list[str], Field(min_length=1)],
+    kind: Kind = "image",
+    character: str = "character",
+    variants: Annotated[int, Field(ge=1, le=100)] = 1,
+    output_dir: str = "output",
+    seed_mode: SeedMode = SeedMode.random,
+    base_seed: Optional[int] = None,
+    params: Optional[dict[str, Any]] = None,
+    output_types: Optional[list[str]] = None,
+) -> list[GenerationResult]:
+    """Generate ``variants`` images or videos for each description over ONE ComfyUI connection.
+
+    Args:
+        server: the ComfyUI server block (saved block in the UI, or an instance).
+        workflow: an API-format workflow JSON path (bindings in the file or a
+            ``.bindings.json`` sidecar), or a saved ComfyUI Workflow block.
+        descriptions: the text descriptions; each becomes ``variants`` generations.
+        kind: ``image`` or ``video``; decides file naming and the report's labels.
+        character: the character or campaign name, used in file names and artifact keys.
+        variants: generations per description (1-100).
+        output_dir: local directory for the files; the server's subfolders are kept below it.
+        seed_mode: ``random`` (default), ``fixed`` (``base_seed`` for all) or ``increment``
+            (``base_seed + index * variants + variant``).
+        base_seed: the seed for ``fixed``/``increment``.
+        params: extra workflow parameters for the bindings, e.g. ``{"negative_prompt": "..."}``.
+        output_types: ``/view`` types to download (default ``["output"]``; add ``"temp"`` for
+            PreviewImage outputs).
+
+    Returns:
+        the :class:`GenerationResult` of every generation, in plan order.
+
+    Raises:
+        WorkflowError: the workflow file cannot be used (before anything is sent).
+        ServerUnreachable / AuthenticationFailed: at connect, after writing the report.
+    """
+    logger = get_run_logger()
+    began = time.monotonic()
+    template = _load_workflow(workflow)
+    specs = plan_generations(descriptions, variants, SeedMode(seed_mode), base_seed,
+                             uses_seed=template.binds("seed"))
+    settings = GenerationSettings(
+        kind=kind,
+        character=character,
+        output_dir=str(Path(output_dir).expanduser()),
+        descriptions=len(descriptions),
+        variants=variants,
+        params=dict(params or {}),
+        output_types=list(output_types or ["output"]),
+    )
+    facts = RunFacts(character=character, kind=kind, server_url=server.url,
+                     output_dir=settings.output_dir, wall_s=0.0)
+    outcomes: dict[int, Outcome] = {}
+    progress = ProgressReport(character, kind, len(specs))
+    connection: Optional[ComfyUIConnection] = None
+    logger.info("%d %s generation(s) for %s: %d description(s) x %d variant(s) on %s",
+                len(specs), kind, character, len(descriptions), variants, server.url)
+    try:
+        try:
+            connection = server.connect()
+        except Exception as exc:
+            facts.fatal_error = f"{type(exc).__name__}: {exc}"
+            raise
+        facts.client_id = connection.client_id
+        futures = generate.map(unmapped(connection), unmapped(template), specs, unmapped(settings))
+        spec_of = {future.task_run_id: spec for future, spec in zip(futures, specs)}
+        for future in as_completed(list(futures)):
+            outcomes[spec_of[future.task_run_id].position] = future.result(raise_on_failure=False)
+            progress.advance()
+    finally:
+        if connection is not None:
+            connection.close()
+            facts.connections_opened = connection.stats.connections_opened
+            facts.reconnects = connection.stats.reconnects
+        facts.wall_s = time.monotonic() - began
+        write_report(specs, outcomes, facts)
+
+    results = [o for o in (outcomes.get(s.position) for s in specs) if isinstance(o, GenerationResult)]
+    failed = len(specs) - len(results)
+    if failed:
+        return Failed(message=f"{failed} of {len(specs)} generations failed")
+    logger.info("all %d generations finished in %.1f s", len(specs), facts.wall_s)
+    return results

@@ -1,0 +1,1 @@
+"""Prefect tasks: ``generate`` (one description -> files) and the report artifacts."""

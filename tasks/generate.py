@@ -1,0 +1,166 @@
+"""The ``generate`` task: one description (one variant) becomes files on disk.
+
+Submit the rendered workflow on the flow run's shared connection, follow its messages until
+it completes, list its outputs from ``GET /history/{prompt_id}`` and download every file with
+``GET /view``. Progress goes to the task run's logger.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import DEFAULT
+
+from blocks.connection import ComfyUIConnection
+from blocks.protocol import PromptEvent, PromptTracker
+from blocks.workflow import ComfyUIWorkflow
+
+from .models import GenerationResult, GenerationSettings, GenerationSpec, OutputFile
+from .outputs import free_path, output_subdir, planned_name
+
+
+def workflow_params(spec: GenerationSpec, settings: GenerationSettings) -> dict:
+    """The parameters offered to the workflow's bindings for one generation.
+
+    ``prompt`` and ``description`` are the description text; ``seed``, ``character``,
+    ``index``, ``variant`` (0-based) and ``kind`` come from the plan; the flow's extra
+    ``params`` (e.g. ``negative_prompt``) fill the rest.
+    """
+    params = dict(settings.params)
+    params.update(
+        prompt=spec.description,
+        description=spec.description,
+        character=settings.character,
+        index=spec.index,
+        variant=spec.variant,
+        kind=settings.kind,
+    )
+    if spec.seed is not None:
+        params["seed"] = spec.seed
+    return params
+
+
+class _ProgressLog:
+    """Turns prompt events into the log lines users watch: ``[3/8] description 2/4, variant 1/2: ...``."""
+
+    def __init__(self, logger, spec: GenerationSpec, settings: GenerationSettings):
+        self.logger = logger
+        self.prefix = (
+            f"[{spec.position}/{spec.total}] description {spec.index + 1}/{settings.descriptions}, "
+            f"variant {spec.variant + 1}/{settings.variants}"
+        )
+        self.started = time.monotonic()
+        self.last_pct: dict[str | None, int] = {}
+
+    def __call__(self, event: PromptEvent, tracker: PromptTracker) -> None:
+        node = event.node
+        label = f"node {node} ({tracker.node_types.get(node, '?')})" if node else ""
+        if event.kind == "started":
+            self.logger.info("%s: started after %.1f s in queue", self.prefix, time.monotonic() - self.started)
+        elif event.kind == "cached":
+            self.logger.info("%s: %d node(s) served from ComfyUI's cache", self.prefix, len(event.nodes))
+        elif event.kind == "executing":
+            self.logger.info("%s: executing %s", self.prefix, label)
+        elif event.kind == "progress" and event.max:
+            pct = int(100 * (event.value or 0) / event.max)
+            last = self.last_pct.get(node, -100)
+            if pct >= last + 10 or pct == 100:
+                self.last_pct[node] = pct
+                self.logger.info("%s: %s %d%% (%s/%s)", self.prefix, label, pct,
+                                 _num(event.value), _num(event.max))
+        elif event.kind == "waiting":
+            self.logger.info("%s: still %s after %.0f s", self.prefix, tracker.describe(),
+                             time.monotonic() - self.started)
+
+
+def _num(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+@task(
+    name="generate",
+    task_run_name="generate-{settings.kind}-d{spec.index}-v{spec.variant}",
+    # The live connection is not an input of the result: leave it out of the cache key,
+    # so Prefect never tries to hash a socket.
+    cache_policy=DEFAULT - "connection",
+)
+def generate(
+    connection: ComfyUIConnection,
+    workflow: ComfyUIWorkflow,
+    spec: GenerationSpec,
+    settings: GenerationSettings,
+) -> GenerationResult:
+    """Run one generation on the shared connection and save its files.
+
+    Args:
+        connection: the flow run's open connection (pass it with ``unmapped(...)``).
+        workflow: the workflow template and its bindings.
+        spec: which description and variant, the seed and the client-chosen ``prompt_id``.
+        settings: what all generations of the run share (kind, character, output_dir...).
+
+    Returns:
+        a :class:`GenerationResult` with every file written and the durations in seconds.
+
+    Raises:
+        WorkflowError: the bindings cannot be applied (nothing was sent).
+        PromptValidationError: ``POST /prompt`` answered 400.
+        NodeExecutionError / ExecutionInterrupted: the prompt failed on the server.
+        GenerationTimeout: it took longer than the server's ``generation_timeout_s``.
+        ConnectionLost / ServerUnreachable: the server went away.
+        OutputError: a file could not be downloaded or would escape ``output_dir``.
+    """
+    logger = get_run_logger()
+    began = time.monotonic()
+    progress = _ProgressLog(logger, spec, settings)
+    prompt = workflow.render(workflow_params(spec, settings))
+    outcome, refs = connection.run_prompt(
+        prompt,
+        prompt_id=spec.prompt_id,
+        on_event=progress,
+        heartbeat_s=settings.heartbeat_s,
+        output_types=tuple(settings.output_types),
+    )
+
+    download_began = time.monotonic()
+    files: list[OutputFile] = []
+    output_dir = Path(settings.output_dir)
+    for number, ref in enumerate(refs, start=1):
+        directory = output_subdir(output_dir, ref.subfolder)
+        name = planned_name(settings.character, spec.index, spec.variant, ref,
+                            number if len(refs) > 1 else None)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = free_path(directory, name)
+        if path.name != name:
+            logger.warning("%s: %s already exists; writing %s instead", progress.prefix, directory / name, path.name)
+        size = connection.download(ref, path)
+        files.append(OutputFile(path=str(path), bytes=size, node_id=ref.node_id, key=ref.key,
+                                server_filename=ref.filename, subfolder=ref.subfolder,
+                                animated=ref.animated))
+    download_s = time.monotonic() - download_began
+    total_s = time.monotonic() - began
+    if not refs:
+        logger.warning("%s: the prompt finished but listed no output files of type %s",
+                       progress.prefix, "/".join(settings.output_types))
+    logger.info(
+        "%s: done in %.1f s, %d file(s), %d bytes (queued %.1f s, executing %.1f s, download %.1f s)%s",
+        progress.prefix, total_s, len(files), sum(f.bytes for f in files),
+        outcome.queued_s, outcome.execution_s, download_s, ", cached" if outcome.cached else "",
+    )
+    return GenerationResult(
+        kind=settings.kind,
+        character=settings.character,
+        index=spec.index,
+        variant=spec.variant,
+        description=spec.description,
+        prompt_id=outcome.prompt_id,
+        seed=spec.seed,
+        status="cached" if outcome.cached else "completed",
+        cached=outcome.cached,
+        files=files,
+        queued_s=round(outcome.queued_s, 3),
+        execution_s=round(outcome.execution_s, 3),
+        download_s=round(download_s, 3),
+        total_s=round(total_s, 3),
+    )

@@ -1,0 +1,83 @@
+"""The data a generation task takes and returns (pydantic, so Prefect can persist it)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+Kind = Literal["image", "video"]
+
+
+class GenerationSpec(BaseModel):
+    """One planned generation: which description, which variant, with which seed.
+
+    ``index`` and ``variant`` are 0-based; ``position`` is 1-based among ``total``
+    generations of the flow run (for ``[3/8]`` in the logs). ``prompt_id`` is chosen by the
+    client before submitting so the prompt can be found again on the server.
+    """
+
+    index: int
+    variant: int
+    description: str
+    seed: Optional[int] = None
+    prompt_id: str
+    position: int
+    total: int
+
+
+class GenerationSettings(BaseModel):
+    """What every generation of one flow run shares.
+
+    ``output_dir`` is a local directory path; ``params`` are extra workflow parameters
+    (e.g. ``negative_prompt``) offered to the workflow's bindings.
+    """
+
+    kind: Kind = "image"
+    character: str
+    output_dir: str
+    descriptions: int = Field(description="How many descriptions the run has.")
+    variants: int = 1
+    params: dict[str, Any] = Field(default_factory=dict)
+    output_types: list[str] = Field(default_factory=lambda: ["output"])
+    heartbeat_s: float = 30.0
+
+
+class OutputFile(BaseModel):
+    """One file written to disk: its local ``path`` and size in ``bytes``, and where it came from."""
+
+    path: str
+    bytes: int
+    node_id: str
+    key: str
+    server_filename: str
+    subfolder: str
+    animated: bool = False
+
+
+class GenerationResult(BaseModel):
+    """A finished generation.
+
+    Durations are seconds: ``queued_s`` from submit to ``execution_start``, ``execution_s``
+    from there to completion, ``download_s`` for all ``/view`` downloads, ``total_s`` for
+    the whole task. ``cached`` is True when ComfyUI served every node from its cache.
+    """
+
+    kind: Kind
+    character: str
+    index: int
+    variant: int
+    description: str
+    prompt_id: str
+    seed: Optional[int]
+    status: Literal["completed", "cached"]
+    cached: bool
+    files: list[OutputFile]
+    queued_s: float
+    execution_s: float
+    download_s: float
+    total_s: float
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.bytes for f in self.files)

@@ -1,0 +1,184 @@
+"""The report a person reads in the Prefect UI: table, summary and progress artifacts.
+
+- table ``{character}-{kind}-generations``: one row per generation (status, prompt_id, seed,
+  durations in seconds, files, error);
+- markdown ``{character}-{kind}-summary``: totals, failures with reasons, wall time,
+  generations per minute, connection facts;
+- progress ``{character}-{kind}-progress``: the share of generations finished, updated live.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+from uuid import UUID
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from .models import GenerationResult, GenerationSpec
+
+Outcome = Union[GenerationResult, BaseException]
+
+
+def artifact_key(character: str, kind: str, what: str) -> str:
+    """A valid Prefect artifact key (lowercase letters, digits, dashes) for any character name."""
+    raw = f"{character}-{kind}-{what}".lower()
+    key = re.sub(r"[^a-z0-9]+", "-", raw).strip("-")
+    key = re.sub(r"-{2,}", "-", key)
+    return key or what
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"Type: message"`` of a failure, as shown in the report."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _trim(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome]) -> list[dict]:
+    """One row per planned generation, in plan order; ``outcomes`` is keyed by ``spec.position``.
+
+    A spec with no outcome (the run stopped first) is reported as ``not run``.
+    """
+    rows = []
+    for spec in specs:
+        outcome = outcomes.get(spec.position)
+        row = {
+            "index": spec.index,
+            "description": _trim(spec.description),
+            "variant": spec.variant,
+            "status": "not run",
+            "prompt_id": spec.prompt_id,
+            "seed": spec.seed,
+            "queued_s": None,
+            "execution_s": None,
+            "download_s": None,
+            "total_s": None,
+            "files": "",
+            "error": "",
+        }
+        if isinstance(outcome, GenerationResult):
+            row.update(
+                status=outcome.status,
+                queued_s=outcome.queued_s,
+                execution_s=outcome.execution_s,
+                download_s=outcome.download_s,
+                total_s=outcome.total_s,
+                files=", ".join(f.path for f in outcome.files),
+            )
+        elif outcome is not None:
+            row.update(status="failed", error=describe_error(outcome))
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class RunFacts:
+    """What the summary says about the run besides the rows.
+
+    ``wall_s`` is the flow's wall time in seconds; ``connections_opened`` must be 1 for a
+    healthy run (one WebSocket per flow run).
+    """
+
+    character: str
+    kind: str
+    server_url: str
+    output_dir: str
+    wall_s: float
+    connections_opened: int = 0
+    reconnects: int = 0
+    client_id: Optional[str] = None
+    fatal_error: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def summary_markdown(rows: list[dict], facts: RunFacts) -> str:
+    """The markdown summary: totals, failures with reasons, wall time, throughput, connection."""
+    total = len(rows)
+    by_status: dict[str, int] = {}
+    for row in rows:
+        by_status[row["status"]] = by_status.get(row["status"], 0) + 1
+    finished = by_status.get("completed", 0) + by_status.get("cached", 0)
+    failed = by_status.get("failed", 0)
+    per_minute = (finished / facts.wall_s * 60.0) if facts.wall_s > 0 else 0.0
+    lines = [
+        f"# {facts.character}: {facts.kind} generations",
+        "",
+        f"**{finished} of {total} generations succeeded**, {failed} failed"
+        + (f", {by_status['not run']} not run" if by_status.get("not run") else "")
+        + ".",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| completed | {by_status.get('completed', 0)} |",
+        f"| cached (served from ComfyUI's cache) | {by_status.get('cached', 0)} |",
+        f"| failed | {failed} |",
+        f"| wall time | {facts.wall_s:.1f} s |",
+        f"| generations per minute | {per_minute:.1f} |",
+        f"| files written | {sum(1 for r in rows for f in r['files'].split(', ') if f)} |",
+        f"| output directory | `{facts.output_dir}` |",
+        f"| ComfyUI server | {facts.server_url} |",
+        f"| connections opened | {facts.connections_opened} |",
+        f"| reconnects | {facts.reconnects} |",
+    ]
+    if facts.client_id:
+        lines.append(f"| client_id | `{facts.client_id}` |")
+    if facts.fatal_error:
+        lines += ["", "## The run could not proceed", "", facts.fatal_error]
+    failures = [r for r in rows if r["status"] == "failed"]
+    if failures:
+        lines += ["", "## Failures", ""]
+        for r in failures:
+            lines.append(
+                f"- description {r['index']} variant {r['variant']} "
+                f"(prompt_id `{r['prompt_id']}`): {r['error']}"
+            )
+    for note in facts.notes:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], facts: RunFacts) -> list[dict]:
+    """Create the table and summary artifacts for a flow run; return the table rows.
+
+    Must be called inside a flow run (the artifacts attach to it).
+    """
+    rows = table_rows(specs, outcomes)
+    create_table_artifact(
+        table=rows,
+        key=artifact_key(facts.character, facts.kind, "generations"),
+        description=f"Every {facts.kind} generation for {facts.character}: status, durations (s), files, errors.",
+    )
+    create_markdown_artifact(
+        markdown=summary_markdown(rows, facts),
+        key=artifact_key(facts.character, facts.kind, "summary"),
+        description=f"Summary of the {facts.kind} generations for {facts.character}.",
+    )
+    return rows
+
+
+class ProgressReport:
+    """A progress artifact (0-100 %) updated as generations finish."""
+
+    def __init__(self, character: str, kind: str, total: int):
+        self.total = max(total, 1)
+        self.done = 0
+        self.artifact_id: UUID = create_progress_artifact(
+            progress=0.0,
+            key=artifact_key(character, kind, "progress"),
+            description=f"{kind} generations finished for {character} (of {total}).",
+        )
+
+    def advance(self) -> None:
+        """One more generation finished (whatever its outcome)."""
+        self.done += 1
+        update_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)

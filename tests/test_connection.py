@@ -1,0 +1,191 @@
+"""The live connection against the stand-in server over real sockets (no Prefect)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from blocks.errors import (
+    AuthenticationFailed,
+    ConnectionLost,
+    ExecutionInterrupted,
+    GenerationTimeout,
+    NodeExecutionError,
+    PromptValidationError,
+    ServerUnreachable,
+)
+from blocks.server import ComfyUIServer
+from tests.standin import StandInComfyUI, free_port
+
+pytestmark = pytest.mark.usefixtures("no_leaked_threads")
+
+
+def image_prompt(prefix: str, *, batch: int = 1, width: int = 64) -> dict:
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": width, "height": 64, "batch_size": batch, "color": 255}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def test_one_websocket_serves_many_concurrent_prompts_each_getting_its_own_outputs(comfy):
+    comfy.execution_time_s = 0.05
+    server = ComfyUIServer(url=comfy.url)
+    with server.connect() as conn:
+        def one(i: int):
+            return conn.run_prompt(image_prompt(f"conc/p{i}", batch=1 + i % 3))
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(8)))
+    for i, (outcome, refs) in enumerate(results):
+        assert len(refs) == 1 + i % 3
+        assert all(r.filename.startswith(f"p{i}_") and r.subfolder == "conc" for r in refs)
+        assert outcome.execution_s >= 0 and outcome.queued_s >= 0
+    assert comfy.ws_opened == 1
+    assert comfy.max_in_flight >= 2  # prompts really overlapped on the one socket
+    assert comfy.ws_open_now == 0  # closed on exit
+
+
+def test_client_chosen_prompt_id_is_sent_once_and_used(comfy):
+    with ComfyUIServer(url=comfy.url).connect() as conn:
+        outcome, refs = conn.run_prompt(image_prompt("ids/x"), prompt_id="11111111-2222-3333-4444-555555555555")
+    assert outcome.prompt_id == "11111111-2222-3333-4444-555555555555"
+    assert comfy.posts_per_prompt_id["11111111-2222-3333-4444-555555555555"] == 1
+    assert refs
+
+
+def test_download_streams_exact_bytes_and_never_overwrites(comfy, tmp_path):
+    with ComfyUIServer(url=comfy.url).connect() as conn:
+        _, refs = conn.run_prompt(image_prompt("dl/img"))
+        dest = tmp_path / "sub" / "out.png"
+        size = conn.download(refs[0], dest)
+        assert dest.read_bytes() == comfy.files[("output", "dl", refs[0].filename)]
+        assert size == dest.stat().st_size
+        from blocks.errors import OutputError
+
+        with pytest.raises(OutputError, match="already exists"):
+            conn.download(refs[0], dest)
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["out.png"]  # no .part left
+
+
+def test_validation_error_lists_every_node_error(comfy):
+    bad = image_prompt("v/x", width=0)
+    with ComfyUIServer(url=comfy.url).connect() as conn:
+        with pytest.raises(PromptValidationError) as info:
+            conn.submit(bad)
+    text = str(info.value)
+    assert "node 1 (EmptyImage) input 'width'" in text and "smaller than min" in text
+
+
+def test_unknown_class_type_names_the_class(comfy):
+    bad = image_prompt("v/x")
+    bad["3"] = {"class_type": "NoSuchNodeType", "inputs": {}}
+    with ComfyUIServer(url=comfy.url).connect() as conn:
+        with pytest.raises(PromptValidationError, match="NoSuchNodeType"):
+            conn.submit(bad)
+
+
+def test_execution_error_names_node_and_exception(comfy):
+    with ComfyUIServer(url=comfy.url).connect() as conn:
+        with pytest.raises(NodeExecutionError) as info:
+            conn.run_prompt(image_prompt("e/[[fail]]"))
+    assert info.value.exception_type == "RuntimeError"
+    assert "stand-in failure requested" in str(info.value)
+
+
+def test_timeout_removes_the_prompt_from_the_server(comfy):
+    with ComfyUIServer(url=comfy.url, generation_timeout_s=1.0).connect() as conn:
+        started = time.monotonic()
+        with pytest.raises(GenerationTimeout) as info:
+            conn.run_prompt(image_prompt("t/[[hang]]"))
+        assert time.monotonic() - started < 5
+        assert info.value.prompt_id in str(info.value)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            snapshot = comfy.queue_snapshot()
+            if not snapshot["queue_running"] and not snapshot["queue_pending"]:
+                break
+            time.sleep(0.05)
+    assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
+
+
+def test_interrupt_from_elsewhere_is_reported(comfy):
+    import requests
+
+    with ComfyUIServer(url=comfy.url).connect() as conn:
+        pid = conn.submit(image_prompt("i/[[hang]]"))
+        threading.Timer(0.3, lambda: requests.post(f"{comfy.url}/interrupt", json={"prompt_id": pid})).start()
+        with pytest.raises(ExecutionInterrupted):
+            conn.wait(pid, timeout_s=10)
+
+
+def test_server_down_fails_fast_naming_the_url():
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(ServerUnreachable) as info:
+        ComfyUIServer(url=url, connect_timeout_s=2).connect()
+    assert time.monotonic() - started < 5
+    assert url in str(info.value)
+
+
+def test_dropped_socket_wakes_waiters_with_connection_lost():
+    standin = StandInComfyUI().start()
+    try:
+        conn = ComfyUIServer(url=standin.url).connect()
+        pid = conn.submit(image_prompt("d/[[hang]]"))
+        threading.Timer(0.3, standin.stop).start()
+        with pytest.raises(ConnectionLost, match=pid):
+            conn.wait(pid, timeout_s=10)
+        conn.close()
+    finally:
+        standin.stop()
+
+
+def test_api_key_is_sent_on_http_and_websocket_and_never_logged(caplog):
+    standin = StandInComfyUI(require_token="s3cret-token").start()
+    try:
+        caplog.set_level(logging.DEBUG)
+        with pytest.raises(AuthenticationFailed):
+            ComfyUIServer(url=standin.url).connect()
+        server = ComfyUIServer(url=standin.url, api_key="s3cret-token")
+        with server.connect() as conn:
+            conn.run_prompt(image_prompt("auth/x"))
+        assert standin.ws_opened == 1
+        assert "s3cret-token" not in caplog.text
+        assert "s3cret-token" not in repr(server)
+    finally:
+        standin.stop()
+
+
+def test_history_trailing_the_websocket_is_waited_for(comfy):
+    comfy.history_delay_s = 0.4
+    with ComfyUIServer(url=comfy.url).connect() as conn:
+        _, refs = conn.run_prompt(image_prompt("h/late"))
+    assert len(refs) == 1
+
+
+def test_close_is_idempotent_and_ends_the_reader(comfy):
+    conn = ComfyUIServer(url=comfy.url).connect()
+    reader = conn._reader
+    conn.close()
+    conn.close()
+    assert not reader.is_alive()
+    assert comfy.ws_opened == 1
+    deadline = time.monotonic() + 2
+    while comfy.ws_open_now and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert comfy.ws_open_now == 0
+    with pytest.raises(ConnectionLost):
+        conn.submit(image_prompt("c/x"))
+
+
+def test_previews_and_progress_are_skipped_without_harm(comfy):
+    comfy.progress_steps = 5
+    events = []
+    with ComfyUIServer(url=comfy.url).connect() as conn:
+        outcome, refs = conn.run_prompt(image_prompt("p/x"), on_event=lambda e, t: events.append(e.kind))
+        assert conn.stats.binary_frames_skipped >= 1
+    assert "progress" in events and refs
