@@ -131,7 +131,9 @@ class ComfyUIConnection:
         headers: extra HTTP/WebSocket headers (``Authorization`` included when set); never logged.
         verify_tls: verify the server's certificate for https/wss.
         connect_timeout_s: seconds allowed for TCP connect and the WebSocket handshake.
-        generation_timeout_s: default seconds one prompt may take from submit to completion.
+        generation_timeout_s: default seconds one prompt may run, from ``execution_start``
+            (or its first ``executing``/``execution_cached``) to completion.
+        queue_timeout_s: seconds one prompt may wait in the server's queue before it starts.
         http_timeout_s: seconds allowed for one HTTP response (read timeout).
     """
 
@@ -143,12 +145,14 @@ class ComfyUIConnection:
         verify_tls: bool = True,
         connect_timeout_s: float = 10.0,
         generation_timeout_s: float = 900.0,
+        queue_timeout_s: float = 3600.0,
         http_timeout_s: float = 60.0,
     ):
         self.url = url.rstrip("/")
         self.client_id = uuid.uuid4().hex
         self.connect_timeout_s = connect_timeout_s
         self.generation_timeout_s = generation_timeout_s
+        self.queue_timeout_s = queue_timeout_s
         self.http_timeout_s = http_timeout_s
         self.verify_tls = verify_tls
         self.stats = ConnectionStats()
@@ -418,7 +422,9 @@ class ComfyUIConnection:
 
         Args:
             prompt_id: a prompt submitted on this connection.
-            timeout_s: seconds from submit; defaults to ``generation_timeout_s``.
+            timeout_s: seconds the prompt may run once it started; defaults to
+                ``generation_timeout_s``. Time spent waiting in the server's queue behind other
+                prompts does not count; it is bounded by ``queue_timeout_s``.
             on_event: called in this thread with each :class:`PromptEvent` (for progress logs),
                 and with a ``waiting`` event after ``heartbeat_s`` seconds without a message.
             heartbeat_s: seconds of silence between ``waiting`` events.
@@ -435,21 +441,28 @@ class ComfyUIConnection:
         if waiter is None:
             raise KeyError(f"prompt {prompt_id} was not submitted on this connection")
         timeout_s = self.generation_timeout_s if timeout_s is None else timeout_s
-        deadline = waiter.submitted_at + timeout_s
         tracker = waiter.tracker
         try:
             while not tracker.done:
+                queued = waiter.started_at is None
+                if queued:
+                    deadline = waiter.submitted_at + self.queue_timeout_s
+                else:
+                    deadline = waiter.started_at + timeout_s
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                try:
+                    # Messages already received count even when we come late to the deadline.
+                    item = waiter.inbox.get(timeout=max(0.0, min(remaining, heartbeat_s)))
+                except queue.Empty:
+                    if time.monotonic() < deadline:
+                        if on_event is not None:
+                            on_event(PromptEvent("waiting"), tracker)
+                        continue
                     state = tracker.describe()
                     self.cancel_prompt(prompt_id)
+                    if queued:
+                        raise GenerationTimeout(prompt_id, self.queue_timeout_s, state, in_queue=True)
                     raise GenerationTimeout(prompt_id, timeout_s, state)
-                try:
-                    item = waiter.inbox.get(timeout=min(remaining, heartbeat_s))
-                except queue.Empty:
-                    if on_event is not None and time.monotonic() < deadline:
-                        on_event(PromptEvent("waiting"), tracker)
-                    continue
                 if isinstance(item, _Closed):
                     raise ConnectionLost(self.url, item.reason, prompt_id)
                 received_at, msg = item

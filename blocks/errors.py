@@ -123,16 +123,31 @@ class ExecutionInterrupted(ComfyUIError):
 
 
 class GenerationTimeout(ComfyUIError):
-    """The prompt did not finish within ``generation_timeout_s`` seconds."""
+    """The prompt ran longer than ``generation_timeout_s`` seconds (or, with ``in_queue``,
+    waited longer than ``queue_timeout_s`` seconds in the server's queue without starting).
 
-    def __init__(self, prompt_id: str, timeout_s: float, last_event: str | None = None):
+    The prompt has been removed from the server (deleted if pending, interrupted if running).
+    """
+
+    def __init__(self, prompt_id: str, timeout_s: float, last_event: str | None = None,
+                 *, in_queue: bool = False):
         self.prompt_id = prompt_id
         self.timeout_s = timeout_s
+        self.in_queue = in_queue
         seen = f" (last seen: {last_event})" if last_event else ""
-        super().__init__(
-            f"ComfyUI prompt {prompt_id} did not finish within {timeout_s:g} s{seen}. "
-            "Raise generation_timeout_s on the ComfyUIServer block if the workflow is that slow."
-        )
+        if in_queue:
+            text = (
+                f"ComfyUI prompt {prompt_id} waited {timeout_s:g} s in the server's queue without "
+                f"starting{seen}; it was removed. The server is busy or stuck: look at its queue, "
+                "or raise queue_timeout_s on the ComfyUIServer block."
+            )
+        else:
+            text = (
+                f"ComfyUI prompt {prompt_id} did not finish within {timeout_s:g} s of starting{seen}; "
+                "it was interrupted. Raise generation_timeout_s on the ComfyUIServer block if the "
+                "workflow is that slow."
+            )
+        super().__init__(text)
 
 
 class ConnectionLost(ComfyUIError):

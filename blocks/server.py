@@ -56,7 +56,12 @@ class ComfyUIServer(Block):
     generation_timeout_s: float = Field(
         default=900.0,
         gt=0,
-        description="Seconds one generation may take from submit to completion.",
+        description="Seconds one generation may run once ComfyUI started it (queue time not counted).",
+    )
+    queue_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds one generation may wait in ComfyUI's queue before it starts.",
     )
 
     @field_validator("url")
@@ -97,5 +102,6 @@ class ComfyUIServer(Block):
             verify_tls=self.verify_tls,
             connect_timeout_s=self.connect_timeout_s,
             generation_timeout_s=self.generation_timeout_s,
+            queue_timeout_s=self.queue_timeout_s,
         )
         return connection.open()

@@ -189,3 +189,28 @@ def test_previews_and_progress_are_skipped_without_harm(comfy):
         outcome, refs = conn.run_prompt(image_prompt("p/x"), on_event=lambda e, t: events.append(e.kind))
         assert conn.stats.binary_frames_skipped >= 1
     assert "progress" in events and refs
+
+
+def test_time_waiting_in_the_queue_does_not_count_against_the_generation_timeout(comfy):
+    comfy.execution_time_s = 0.5
+    with ComfyUIServer(url=comfy.url, generation_timeout_s=1.5).connect() as conn:
+        # four 0.5 s prompts run one after another: the last waits 1.5 s in ComfyUI's queue
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda i: conn.run_prompt(image_prompt(f"q/p{i}")), range(4)))
+    assert max(outcome.queued_s for outcome, _ in results) >= 1.0
+    assert all(refs for _, refs in results)
+
+
+def test_queue_timeout_removes_the_pending_prompt_and_leaves_others_alone(comfy):
+    with ComfyUIServer(url=comfy.url, queue_timeout_s=0.5).connect() as conn:
+        blocker = conn.submit(image_prompt("qt/[[hang]]"))
+        waiting = conn.submit(image_prompt("qt/next"))
+        with pytest.raises(GenerationTimeout) as info:
+            conn.wait(waiting)
+        assert info.value.in_queue and "queue" in str(info.value)
+        snapshot = comfy.queue_snapshot()
+        assert [item[1] for item in snapshot["queue_pending"]] == []
+        assert [item[1] for item in snapshot["queue_running"]] == [blocker]  # not ours to kill yet
+        conn.cancel_prompt(blocker)
+        with pytest.raises(ExecutionInterrupted):
+            conn.wait(blocker, timeout_s=5)

@@ -1,0 +1,703 @@
+"""The stand-in ComfyUI server itself, over real sockets, checked against the recorded transcripts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import pytest
+import requests
+import websocket
+
+from tests.standin import StandInComfyUI, _transcript_dirs, free_port
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _transcripts() -> Path | None:
+    for folder in _transcript_dirs():
+        if (folder / "a_single_image.json").is_file():
+            return folder
+    return None
+
+
+TRANSCRIPTS = _transcripts()
+needs_transcripts = pytest.mark.skipif(TRANSCRIPTS is None, reason="shared/comfyui-transcripts not found")
+
+
+def load(name: str) -> dict:
+    return json.loads((TRANSCRIPTS / name).read_text())
+
+
+def image_prompt(prefix: str = "t/img", *, batch: int = 1, color: int = 16766788, width: int = 64) -> dict:
+    return {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": width, "height": 64, "batch_size": batch, "color": color}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def chain_prompt(prefix: str = "t/chain", blurs: int = 2) -> dict:
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 5}}}
+    previous = "1"
+    for i in range(blurs):
+        nid = str(10 + i)
+        prompt[nid] = {"class_type": "ImageBlur", "inputs": {"image": [previous, 0], "blur_radius": 3, "sigma": 1.0}}
+        previous = nid
+    prompt["2"] = {"class_type": "SaveImage", "inputs": {"images": [previous, 0], "filename_prefix": prefix}}
+    return prompt
+
+
+class Sock:
+    """A websocket-client connection that decodes text frames."""
+
+    def __init__(self, comfy: StandInComfyUI, client_id: str | None = None, *, header=None, flags: bool = False):
+        self.client_id = client_id
+        url = f"ws://127.0.0.1:{comfy.port}/ws" + (f"?clientId={client_id}" if client_id else "")
+        self.ws = websocket.create_connection(url, timeout=5, header=header)
+        if flags:
+            self.ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+        self.hello = self.recv()
+        assert self.hello["type"] == "status"
+        self.sid = self.hello["data"]["sid"]
+
+    def recv(self, timeout: float = 5.0):
+        self.ws.settimeout(timeout)
+        frame = self.ws.recv()
+        return json.loads(frame) if isinstance(frame, str) else frame
+
+    def until_done(self, prompt_id: str, timeout: float = 5.0) -> list:
+        """Every frame up to and including ``executing {node: null, prompt_id}``."""
+        frames, deadline = [], time.monotonic() + timeout
+        while True:
+            frame = self.recv(max(0.05, deadline - time.monotonic()))
+            frames.append(frame)
+            if (isinstance(frame, dict) and frame["type"] == "executing" and frame["data"]["node"] is None
+                    and frame["data"].get("prompt_id") == prompt_id):
+                return frames
+
+    def silent_for(self, seconds: float) -> list:
+        """Frames received within ``seconds`` (expected empty by "deaf" checks)."""
+        got, deadline = [], time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                got.append(self.recv(max(0.01, deadline - time.monotonic())))
+            except websocket.WebSocketTimeoutException:
+                break
+        return got
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def post(comfy: StandInComfyUI, prompt: dict, client_id: str | None = None, **extra) -> requests.Response:
+    body = {"prompt": prompt, **extra}
+    if client_id is not None:
+        body["client_id"] = client_id
+    return requests.post(f"{comfy.url}/prompt", json=body, timeout=5)
+
+
+def submit(comfy: StandInComfyUI, prompt: dict, client_id: str | None = None, **extra) -> str:
+    response = post(comfy, prompt, client_id, **extra)
+    assert response.status_code == 200, response.text
+    return response.json()["prompt_id"]
+
+
+def texts(frames: list) -> list[dict]:
+    return [f for f in frames if isinstance(f, dict)]
+
+
+def types(frames: list) -> list[str]:
+    return [f["type"] if isinstance(f, dict) else "binary" for f in frames]
+
+
+def shape(frames: list) -> list:
+    """(type, data keys) per text frame: what must match the transcripts exactly."""
+    return [(f["type"], list(f["data"])) for f in texts(frames)]
+
+
+def history(comfy: StandInComfyUI, prompt_id: str) -> dict:
+    return requests.get(f"{comfy.url}/history/{prompt_id}", timeout=5).json()
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    return chunks
+
+
+@pytest.fixture
+def comfy():
+    server = StandInComfyUI().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------------- a, a2
+
+
+@needs_transcripts
+def test_single_image_run_matches_transcript_a(comfy):
+    recorded = load("a_single_image.json")
+    sock = Sock(comfy, uuid.uuid4().hex)
+    pid = submit(comfy, recorded["workflow"], sock.client_id)
+    frames = [sock.hello] + sock.until_done(pid)
+    expected = [w["msg"] for w in recorded["ws"] if w["kind"] == "text"]
+    assert shape(frames) == shape(expected)
+    assert frames[-1] == {"type": "executing", "data": {"node": None, "prompt_id": pid}}
+    assert frames[0]["data"]["sid"] == sock.client_id
+    assert all("sid" not in f["data"] for f in frames[1:] if f["type"] == "status")
+
+    executed = next(f for f in frames if f["type"] == "executed")["data"]
+    assert executed["output"] == {"images": [{"filename": "a_single_00001_.png", "subfolder": "transcripts",
+                                              "type": "output"}]}
+    entry = history(comfy, pid)[pid]
+    recorded_entry = next(iter(next(h for h in recorded["http"] if h["path"].startswith("/history/"))
+                               ["response_json"].values()))
+    assert list(entry) == list(recorded_entry)
+    assert entry["prompt"] == [0, pid, recorded["workflow"], {"client_id": sock.client_id}, ["2"]]
+    assert entry["outputs"] == {"2": executed["output"]}
+    assert entry["meta"] == recorded_entry["meta"]
+    assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]
+    assert isinstance(entry["status"]["messages"][0][1]["timestamp"], int)
+
+    view = requests.get(f"{comfy.url}/view", params={"filename": "a_single_00001_.png", "subfolder": "transcripts",
+                                                      "type": "output"}, timeout=5)
+    assert view.status_code == 200 and view.headers["Content-Type"] == "image/png"
+    assert int(view.headers["Content-Length"]) == len(view.content)
+    assert view.headers["Content-Disposition"] == 'filename="a_single_00001_.png"'
+    chunks = dict(png_chunks(view.content))
+    assert struct.unpack(">II", chunks[b"IHDR"][:8]) == (64, 64)
+    pixels = zlib.decompress(chunks[b"IDAT"])
+    assert pixels[:4] == b"\x00" + bytes([0xFF, 0xD7, 0x44])  # filter byte + colour 16766788
+    assert pid.encode() in view.content and view.content == comfy.files[("output", "transcripts",
+                                                                          "a_single_00001_.png")]
+    sock.close()
+
+
+@needs_transcripts
+def test_linked_strings_and_preview_any_match_transcript_a2(comfy):
+    recorded = load("a2_description_string.json")
+    sock = Sock(comfy, uuid.uuid4().hex)
+    pid = submit(comfy, recorded["workflow"], sock.client_id, **recorded["post_extra"])
+    frames = sock.until_done(pid)
+    expected = [w["msg"] for w in recorded["ws"] if w["kind"] == "text"][1:]
+    assert shape(frames) == shape(expected)
+    assert [f["data"]["node"] for f in texts(frames) if f["type"] == "executing"] == ["5", "1", "2", "3", "4", None]
+    outputs = history(comfy, pid)[pid]["outputs"]
+    assert outputs["2"]["images"][0]["subfolder"] == "transcripts"
+    assert outputs["2"]["images"][0]["filename"] == "a2_desc_00001_.png"
+    assert outputs["4"] == {"text": [recorded["workflow"]["3"]["inputs"]["value"]]}
+    extra = history(comfy, pid)[pid]["prompt"][3]
+    assert list(extra) == ["extra_pnginfo", "client_id"]
+    png = comfy.files[("output", "transcripts", "a2_desc_00001_.png")]
+    texts_ = {k.split(b"\x00")[0]: k.split(b"\x00", 1)[1] for kind, k in png_chunks(png) if kind == b"tEXt"}
+    assert json.loads(texts_[b"description"]) == recorded["workflow"]["3"]["inputs"]["value"]
+    sock.close()
+
+
+# --------------------------------------------------------------------------------------------- b: cache
+
+
+def test_cached_resubmit_and_cache_of_the_latest_prompt_only(comfy):
+    sock = Sock(comfy, uuid.uuid4().hex)
+    first = submit(comfy, image_prompt("b/a"), sock.client_id)
+    sock.until_done(first)
+
+    again = submit(comfy, image_prompt("b/a"), sock.client_id)
+    frames = sock.until_done(again)
+    assert types(frames) == ["status", "status", "execution_start", "execution_cached", "executed", "progress_state",
+                             "execution_success", "status", "executing"]
+    data = {f["type"]: f["data"] for f in texts(frames)}
+    assert data["execution_cached"]["nodes"] == ["1", "2"]
+    assert data["executed"]["output"]["images"][0]["filename"] == "a_00001_.png"  # the OLD file
+    cached_state = data["progress_state"]["nodes"]["2"]
+    assert (cached_state["value"], cached_state["max"], cached_state["state"]) == (1, 1, "finished")
+    assert history(comfy, again)[again]["outputs"]["2"]["images"][0]["filename"] == "a_00001_.png"
+
+    partial = submit(comfy, image_prompt("b/partial"), sock.client_id)
+    frames = sock.until_done(partial)
+    assert [f["data"]["nodes"] for f in texts(frames) if f["type"] == "execution_cached"] == [["1"]]
+    assert [f["data"]["node"] for f in texts(frames) if f["type"] == "executing"] == ["2", None]
+
+    other = submit(comfy, image_prompt("b/other", color=1), sock.client_id)
+    sock.until_done(other)
+    back = submit(comfy, image_prompt("b/a"), sock.client_id)
+    frames = sock.until_done(back)
+    assert [f["data"]["nodes"] for f in texts(frames) if f["type"] == "execution_cached"] == [[]]
+    assert next(f for f in texts(frames) if f["type"] == "executed")["data"]["output"]["images"][0]["filename"] == \
+        "a_00002_.png"
+    sock.close()
+
+
+# --------------------------------------------------------------------------------------------- c: formats
+
+
+def test_animated_video_audio_and_preview_outputs(comfy):
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 8, "color": 361929}},
+        "2": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "c/webp", "fps": 6.0,
+                                                           "lossless": True, "quality": 80, "method": "default"}},
+        "3": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 8.0}},
+        "4": {"class_type": "SaveVideo", "inputs": {"video": ["3", 0], "filename_prefix": "c/mp4", "format": "auto",
+                                                    "codec": "auto"}},
+        "5": {"class_type": "SaveWEBM", "inputs": {"images": ["1", 0], "filename_prefix": "c/webm", "codec": "vp9",
+                                                   "fps": 8.0, "crf": 32.0}},
+        "6": {"class_type": "SaveAnimatedPNG", "inputs": {"images": ["1", 0], "filename_prefix": "c/apng", "fps": 6.0,
+                                                          "compress_level": 4}},
+        "7": {"class_type": "LoadAudio", "inputs": {"audio": "example.flac"}},
+        "8": {"class_type": "SaveAudio", "inputs": {"audio": ["7", 0], "filename_prefix": "audio/tune"}},
+        "9": {"class_type": "VHS_VideoCombine", "inputs": {
+            "images": ["1", 0], "frame_rate": 8, "loop_count": 0, "filename_prefix": "vhs/clip",
+            "format": "video/h264-mp4", "pingpong": False, "save_output": True, "pix_fmt": "yuv420p", "crf": 19}},
+        "10": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
+    sock = Sock(comfy, uuid.uuid4().hex)
+    pid = submit(comfy, prompt, sock.client_id)
+    frames = sock.until_done(pid)
+    outputs = {f["data"]["node"]: f["data"]["output"] for f in texts(frames) if f["type"] == "executed"}
+    assert outputs == history(comfy, pid)[pid]["outputs"]
+    expected = {"2": ("webp", "image/webp", b"RIFF"), "4": ("mp4", "video/mp4", b"\x00\x00\x00\x20ftyp"),
+                "5": ("webm", "video/webm", bytes.fromhex("1a45dfa3")), "6": ("png", "image/png", b"\x89PNG")}
+    for nid, (ext, content_type, magic) in expected.items():
+        assert outputs[nid]["animated"] == [True]
+        (ref,) = outputs[nid]["images"]
+        assert ref["filename"].endswith(f"_00001_.{ext}") and ref["subfolder"] == "c" and ref["type"] == "output"
+        view = requests.get(f"{comfy.url}/view", params=ref, timeout=5)
+        assert view.headers["Content-Type"] == content_type and view.content.startswith(magic)
+        assert pid.encode() in view.content
+    assert outputs["8"] == {"audio": [{"filename": "tune_00001_.flac", "subfolder": "audio", "type": "output"}]}
+    assert comfy.files[("output", "audio", "tune_00001_.flac")].startswith(b"fLaC")
+    (gif,) = outputs["9"]["gifs"]
+    assert gif["filename"] == "clip_00001.mp4" and gif["subfolder"] == "vhs" and gif["format"] == "video/h264-mp4"
+    assert gif["type"] == "output"
+    previews = outputs["10"]["images"]
+    assert len(previews) == 8 and all(p["type"] == "temp" and p["subfolder"] == "" for p in previews)
+    assert previews[0]["filename"].startswith("ComfyUI_temp_") and previews[0]["filename"].endswith("_00001_.png")
+    assert len(previews[0]["filename"]) == len("ComfyUI_temp_abcde_00001_.png")
+    sock.close()
+
+
+# --------------------------------------------------------------------------------------------- d: validation
+
+
+def _d_cases() -> list:
+    if TRANSCRIPTS is None:
+        return []
+    recorded = load("d_validation_errors.json")
+    return [pytest.param(h, id=h["label"]) for h in recorded["http"] if h["method"] == "POST"]
+
+
+def _without_tracebacks(body):
+    body = json.loads(json.dumps(body))
+    if isinstance(body, dict):
+        for node in (body.get("node_errors") or {}).values():
+            for error in node["errors"]:
+                error.get("extra_info", {}).pop("traceback", None)
+        body.pop("prompt_id", None)
+        body.pop("number", None)
+    return body
+
+
+@needs_transcripts
+@pytest.mark.parametrize("exchange", _d_cases())
+def test_validation_bodies_match_transcript_d(comfy, exchange):
+    if "request_raw" in exchange:
+        response = requests.post(f"{comfy.url}/prompt", data=exchange["request_raw"], timeout=5)
+        assert response.status_code == 500 and response.text == exchange["response_text"]
+        assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+        return
+    response = requests.post(f"{comfy.url}/prompt", json=exchange["request_json"], timeout=5)
+    assert response.status_code == exchange["status"]
+    assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert _without_tracebacks(response.json()) == _without_tracebacks(exchange["response_json"])
+    if response.status_code == 400:
+        assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
+
+
+def test_one_valid_and_one_invalid_output_runs_only_the_valid_one(comfy):
+    prompt = image_prompt("d/ok")
+    prompt["3"] = {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 8, "batch_size": 1, "color": 0}}
+    prompt["4"] = {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
+    sock = Sock(comfy, uuid.uuid4().hex)
+    response = post(comfy, prompt, sock.client_id)
+    assert response.status_code == 200
+    assert response.json()["node_errors"]["3"]["dependent_outputs"] == ["4"]
+    pid = response.json()["prompt_id"]
+    frames = sock.until_done(pid)
+    assert [f["data"]["node"] for f in texts(frames) if f["type"] == "executing"] == ["1", "2", None]
+    assert history(comfy, pid)[pid]["prompt"][4] == ["2"]
+    sock.close()
+
+
+# --------------------------------------------------------------------------------------------- e: errors
+
+
+@needs_transcripts
+def test_runtime_error_matches_transcript_e(comfy):
+    recorded = load("e_runtime_error.json")
+    sock = Sock(comfy, uuid.uuid4().hex)
+    pid = submit(comfy, recorded["workflow"], sock.client_id)
+    frames = sock.until_done(pid)
+    expected = [w["msg"] for w in recorded["ws"] if w["kind"] == "text"]
+    first_end = next(i for i, m in enumerate(expected) if m["type"] == "executing" and m["data"]["node"] is None)
+    assert shape(frames) == shape(expected[1:first_end + 1])
+    error = next(f for f in texts(frames) if f["type"] == "execution_error")["data"]
+    assert error["node_id"] == "3" and error["node_type"] == "ImageBlend" and error["exception_type"] == "RuntimeError"
+    assert error["exception_message"].startswith("The size of tensor a (2) must match the size of tensor b (3)")
+    assert sorted(error["executed"]) == ["1", "2", "5"]
+    assert list(error["current_inputs"]) == ["image1", "image2", "blend_factor", "blend_mode"]
+    assert error["current_inputs"]["blend_factor"] == [0.5]
+    entry = history(comfy, pid)[pid]
+    assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
+    assert list(entry["outputs"]) == ["5"] and len(entry["outputs"]["5"]["images"]) == 2
+
+    again = submit(comfy, recorded["workflow"], sock.client_id)
+    frames = sock.until_done(again)
+    assert [f["data"]["nodes"] for f in texts(frames) if f["type"] == "execution_cached"] == [["1", "2", "5"]]
+    assert next(f for f in texts(frames) if f["type"] == "execution_error")["data"]["executed"] == []
+    sock.close()
+
+
+def test_fail_marker_raises_on_the_first_executing_node(comfy):
+    sock = Sock(comfy, uuid.uuid4().hex)
+    pid = submit(comfy, image_prompt("e/[[fail]]"), sock.client_id)
+    frames = sock.until_done(pid)
+    assert types(frames)[-3:] == ["execution_error", "status", "executing"]
+    error = next(f for f in texts(frames) if f["type"] == "execution_error")["data"]
+    assert list(error) == ["prompt_id", "node_id", "node_type", "executed", "exception_message", "exception_type",
+                           "traceback", "current_inputs", "current_outputs", "timestamp"]
+    assert (error["node_id"], error["exception_type"], error["exception_message"]) == \
+        ("1", "RuntimeError", "stand-in failure requested")
+    assert history(comfy, pid)[pid]["status"]["status_str"] == "error"
+    sock.close()
+
+
+# --------------------------------------------------------------------------------------------- f: interrupts
+
+
+def test_interrupting_a_hanging_prompt_and_deleting_pending_ones(comfy):
+    sock = Sock(comfy, uuid.uuid4().hex)
+    hung = submit(comfy, image_prompt("f/[[hang]]"), sock.client_id)
+    pending = submit(comfy, image_prompt("f/pending"), sock.client_id)
+    later = submit(comfy, image_prompt("f/later", color=7), sock.client_id)
+    deadline = time.monotonic() + 3
+    while not comfy.queue_snapshot()["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    snapshot = comfy.queue_snapshot()
+    assert [item[1] for item in snapshot["queue_running"]] == [hung]
+    assert [item[1] for item in snapshot["queue_pending"]] == [pending, later]
+    assert snapshot == requests.get(f"{comfy.url}/queue", timeout=5).json()
+    assert requests.get(f"{comfy.url}/prompt", timeout=5).json() == {"exec_info": {"queue_remaining": 3}}
+
+    requests.post(f"{comfy.url}/queue", json={"delete": [pending, hung]}, timeout=5)  # running one: no effect
+    requests.post(f"{comfy.url}/interrupt", json={"prompt_id": later}, timeout=5)  # not running: ignored
+    time.sleep(0.1)
+    assert [item[1] for item in comfy.queue_snapshot()["queue_running"]] == [hung]
+    requests.post(f"{comfy.url}/interrupt", json={"prompt_id": hung}, timeout=5)
+    frames = sock.until_done(hung)
+    interrupted = next(f for f in texts(frames) if f["type"] == "execution_interrupted")["data"]
+    assert list(interrupted) == ["prompt_id", "node_id", "node_type", "executed", "timestamp"]
+    assert (interrupted["node_id"], interrupted["node_type"], interrupted["executed"]) == ("1", "EmptyImage", [])
+    assert types(frames)[-3:] == ["execution_interrupted", "status", "executing"]
+    entry = history(comfy, hung)[hung]
+    assert entry["status"]["status_str"] == "error" and entry["outputs"] == {}
+    sock.until_done(later)
+    assert history(comfy, pending) == {}
+    assert comfy.executed_prompt_ids == [hung, later]
+
+
+def test_global_interrupt_lands_at_the_next_node_boundary(comfy):
+    comfy.execution_time_s = 0.6  # three nodes of 0.2 s each
+    sock = Sock(comfy, uuid.uuid4().hex)
+    pid = submit(comfy, chain_prompt(blurs=1), sock.client_id)
+    while sock.recv()["type"] != "executing":
+        pass
+    requests.post(f"{comfy.url}/interrupt", timeout=5)
+    frames = sock.until_done(pid)
+    assert [f["data"]["node"] for f in texts(frames) if f["type"] == "executing"] == ["10", None]
+    assert next(f for f in texts(frames) if f["type"] == "execution_interrupted")["data"]["executed"] == ["1"]
+    requests.post(f"{comfy.url}/queue", json={"clear": True}, timeout=5)
+
+
+# --------------------------------------------------------------------------------------------- g: queue
+
+
+def test_two_prompts_run_serially_without_interleaving(comfy):
+    comfy.execution_time_s = 0.1
+    sock = Sock(comfy, uuid.uuid4().hex)
+    first = submit(comfy, chain_prompt("g/one"), sock.client_id)
+    second = submit(comfy, image_prompt("g/two"), sock.client_id)
+    frames = sock.until_done(first) + sock.until_done(second)
+    owners = [f["data"].get("prompt_id") for f in texts(frames) if f["type"] != "status"]
+    switch = owners.index(second)
+    assert set(owners[:switch]) == {first} and set(owners[switch:]) == {second}
+    remaining = [f["data"]["status"]["exec_info"]["queue_remaining"] for f in texts(frames) if f["type"] == "status"]
+    assert remaining[:3] == [1, 2, 1] or remaining[:3] == [1, 1, 2]
+    assert remaining[-1] == 0
+    assert comfy.max_in_flight == 2 and comfy.executed_prompt_ids == [first, second]
+    items = requests.get(f"{comfy.url}/history", params={"max_items": 1}, timeout=5).json()
+    assert list(items) == [second]
+    sock.close()
+
+
+def test_client_chosen_prompt_id_is_honoured_and_counted(comfy):
+    sock = Sock(comfy, uuid.uuid4().hex)
+    chosen = "11111111-2222-3333-4444-555555555555"
+    response = post(comfy, image_prompt("ids/x"), sock.client_id, prompt_id=chosen)
+    assert response.json()["prompt_id"] == chosen
+    sock.until_done(chosen)
+    assert post(comfy, image_prompt("ids/x", width=0), sock.client_id, prompt_id="rejected").status_code == 400
+    assert comfy.posts_per_prompt_id == {chosen: 1, "rejected": 1}
+    assert comfy.requests[("POST", "/prompt")] == 2 and comfy.requests[("GET", "/history/{prompt_id}")] == 0
+    assert list(history(comfy, chosen)) == [chosen]
+    assert comfy.requests[("GET", "/history/{prompt_id}")] == 1
+    comfy.reset_counters()
+    assert not comfy.requests and not comfy.posts_per_prompt_id and comfy.ws_open_now == 1
+    sock.close()
+
+
+# --------------------------------------------------------------------------------------------- h: sockets
+
+
+def test_observers_and_prompts_without_client_id(comfy):
+    comfy.progress_steps = 2
+    owner = Sock(comfy, uuid.uuid4().hex)
+    watcher = Sock(comfy)  # no clientId: server-assigned sid
+    assert len(watcher.sid) == 32
+    pid = submit(comfy, image_prompt("h/mine"), owner.client_id)
+    owner.until_done(pid)
+    seen = watcher.silent_for(0.3)
+    assert seen and {f["type"] for f in texts(seen)} == {"status"} and not [f for f in seen if isinstance(f, bytes)]
+
+    anonymous = submit(comfy, image_prompt("h/anon", color=3))
+    for sock in (owner, watcher):
+        got = sock.silent_for(0.4)
+        kinds = set(types(got))
+        assert kinds == {"status", "progress_state", "progress", "binary"}, kinds
+        assert all(f["data"].get("prompt_id") in (None, anonymous) for f in texts(got))
+    assert history(comfy, anonymous)[anonymous]["prompt"][3] == {}
+    owner.close()
+    watcher.close()
+
+
+def test_same_client_id_reconnect_quirks(comfy):
+    cid = uuid.uuid4().hex
+    comfy.execution_time_s = 0.6
+    first = Sock(comfy, cid)
+    pid = submit(comfy, chain_prompt("h/re"), cid)
+    while first.recv()["type"] != "executing":
+        pass
+    first.close()
+    time.sleep(0.25)
+    second = Sock(comfy, cid)  # reconnects while its prompt runs
+    assert second.sid == cid
+    resumed = second.recv()
+    assert resumed["type"] == "executing" and list(resumed["data"]) == ["node"]
+    second.until_done(pid)
+
+    comfy.execution_time_s = 0.0
+    third = Sock(comfy, cid)  # replaces `second` in the socket map
+    second.close()  # ... and the old one's cleanup removes the entry: `third` is deaf from now on
+    deadline = time.monotonic() + 2
+    while comfy.ws_open_now != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    other = submit(comfy, image_prompt("h/deaf"), cid)
+    deadline = time.monotonic() + 2
+    while not history(comfy, other) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert history(comfy, other)[other]["status"]["status_str"] == "success"
+    assert third.silent_for(0.3) == []
+    assert comfy.ws_opened == 3 and comfy.ws_open_now == 1 and comfy.max_ws_open == 2
+    third.close()
+
+
+def test_feature_flags_reply_and_metadata_frames(comfy):
+    legacy = Sock(comfy, uuid.uuid4().hex)
+    modern = Sock(comfy, uuid.uuid4().hex, flags=True)
+    assert modern.recv() == {"type": "feature_flags", "data": {"supports_preview_metadata": True,
+                                                               "max_upload_size": 104857600}}
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 3, "color": 1}},
+              "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}}}
+    for sock in (legacy, modern):
+        pid = submit(comfy, prompt, sock.client_id)
+        frames = [f for f in sock.until_done(pid) if not (isinstance(f, dict) and f["type"] == "status")]
+        assert "executed" not in types(frames)
+        progress = [f["data"]["value"] for f in texts(frames) if f["type"] == "progress"]
+        assert progress == [0, 1, 2]
+        binaries = [f for f in frames if isinstance(f, bytes)]
+        assert len(binaries) == 3
+        first = types(frames).index("binary")
+        if sock is legacy:
+            assert all(b[:8] == struct.pack(">II", 1, 2) and b[8:16] == b"\x89PNG\r\n\x1a\n" for b in binaries)
+            assert types(frames)[first - 2:first + 1] == ["progress_state", "progress", "binary"]
+        else:
+            (length,) = struct.unpack(">I", binaries[0][4:8])
+            meta = json.loads(binaries[0][8:8 + length])
+            assert binaries[0][:4] == struct.pack(">I", 4) and binaries[0][8 + length:].startswith(b"\x89PNG")
+            assert meta == {"node_id": "2", "prompt_id": pid, "display_node_id": "2", "parent_node_id": None,
+                            "real_node_id": "2", "image_type": "image/png"}
+            assert types(frames)[first - 1:first + 2] == ["progress_state", "binary", "progress"]
+        assert history(comfy, pid)[pid]["outputs"] == {}
+    legacy.close()
+    modern.close()
+
+
+def test_progress_steps_with_previews_on_ksampler(comfy):
+    comfy.progress_steps = 3
+    prompt = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-random-sd15.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a fox", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 8, "cfg": 7.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
+                                                   "positive": ["6", 0], "negative": ["7", 0],
+                                                   "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "j/txt2img", "images": ["8", 0]}},
+    }
+    sock = Sock(comfy, uuid.uuid4().hex)
+    pid = submit(comfy, prompt, sock.client_id)
+    frames = sock.until_done(pid)
+    assert [f["data"]["node"] for f in texts(frames) if f["type"] == "executing"] == \
+        ["4", "5", "7", "6", "3", "8", "9", None]
+    assert [(f["data"]["node"], f["data"]["value"], f["data"]["max"]) for f in texts(frames)
+            if f["type"] == "progress"] == [("3", 1, 3), ("3", 2, 3), ("3", 3, 3)]
+    binaries = [f for f in frames if isinstance(f, bytes)]
+    assert len(binaries) == 3 and all(b.startswith(struct.pack(">II", 1, 2) + b"\x89PNG") for b in binaries)
+    comfy.preview_frames = False
+    prompt["6"]["inputs"]["text"] = "a wolf"
+    pid = submit(comfy, prompt, sock.client_id)
+    frames = sock.until_done(pid)
+    assert not [f for f in frames if isinstance(f, bytes)]
+    assert [f["data"]["nodes"] for f in texts(frames) if f["type"] == "execution_cached"] == [["4", "5", "7"]]
+    sock.close()
+
+
+# --------------------------------------------------------------------------------------------- auth, history, stop
+
+
+def test_auth_token_is_required_everywhere():
+    with StandInComfyUI(require_token="s3cret") as comfy:
+        assert requests.get(f"{comfy.url}/queue", timeout=5).status_code == 401
+        assert post(comfy, image_prompt()).status_code == 401
+        with pytest.raises(websocket.WebSocketBadStatusException) as info:
+            websocket.create_connection(f"ws://127.0.0.1:{comfy.port}/ws?clientId=x", timeout=5)
+        assert info.value.status_code == 401
+        assert comfy.ws_opened == 0
+        auth = {"Authorization": "Bearer s3cret"}
+        assert requests.get(f"{comfy.url}/queue", headers=auth, timeout=5).status_code == 200
+        sock = Sock(comfy, uuid.uuid4().hex, header=["Authorization: Bearer s3cret"])
+        response = requests.post(f"{comfy.url}/prompt", json={"prompt": image_prompt(), "client_id": sock.client_id},
+                                 headers=auth, timeout=5)
+        sock.until_done(response.json()["prompt_id"])
+        assert comfy.ws_opened == 1
+        assert sum(h.get("Authorization") == "Bearer s3cret" for h in comfy.headers_seen) == 3
+        sock.close()
+
+
+def test_history_can_trail_the_websocket(comfy):
+    comfy.history_delay_s = 0.3
+    sock = Sock(comfy, uuid.uuid4().hex)
+    pid = submit(comfy, image_prompt("h/late"), sock.client_id)
+    sock.until_done(pid)
+    done = time.monotonic()
+    assert history(comfy, pid) == {}
+    assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
+    while not history(comfy, pid):
+        assert time.monotonic() - done < 2
+        time.sleep(0.02)
+    assert time.monotonic() - done >= 0.25
+    assert history(comfy, pid)[pid]["status"]["status_str"] == "success"
+    sock.close()
+
+
+@needs_transcripts
+def test_plain_endpoints_match_transcript_0(comfy):
+    recorded = {h["path"]: h for h in load("0_endpoints.json")["http"] if h["method"] == "GET"}
+    assert requests.get(f"{comfy.url}/object_info/EmptyImage", timeout=5).json() == \
+        recorded["/object_info/EmptyImage"]["response_json"]
+    assert requests.get(f"{comfy.url}/object_info/NoSuchNode", timeout=5).json() == {}
+    assert requests.get(f"{comfy.url}/features", timeout=5).json() == recorded["/features"]["response_json"]
+    assert requests.get(f"{comfy.url}/models", timeout=5).json() == recorded["/models"]["response_json"]
+    assert list(requests.get(f"{comfy.url}/system_stats", timeout=5).json()["system"]) == \
+        list(recorded["/system_stats"]["response_json"]["system"])
+    info = requests.get(f"{comfy.url}/object_info", timeout=5).json()
+    assert {"SaveAudio", "VHS_VideoCombine", "KSampler", "SaveImageWebsocket"} <= set(info)
+    for params, status in [({"filename": "nope.png", "type": "output", "subfolder": ""}, 404),
+                           ({"filename": "../x.png", "type": "output"}, 400),
+                           ({"filename": "x.png", "subfolder": "../up"}, 400),
+                           ({"filename": "/etc/passwd"}, 400)]:
+        response = requests.get(f"{comfy.url}/view", params=params, timeout=5)
+        assert response.status_code == status and response.content == b""
+    assert requests.post(f"{comfy.url}/interrupt", timeout=5).status_code == 200
+    assert requests.post(f"{comfy.url}/history", json={"delete": ["00000000-0000-0000-0000-000000000000"]},
+                         timeout=5).status_code == 200
+
+
+def test_stop_closes_client_sockets_and_ends_the_thread():
+    comfy = StandInComfyUI().start()
+    sock = Sock(comfy, uuid.uuid4().hex)
+    submit(comfy, image_prompt("s/[[hang]]"), sock.client_id)
+    while sock.recv()["type"] != "executing":
+        pass
+    started = time.monotonic()
+    comfy.stop()
+    assert time.monotonic() - started < 3
+    with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError, OSError)):
+        for _ in range(5):  # a close frame makes recv() return "" / raise; nothing else may arrive
+            if sock.ws.recv() in ("", b""):
+                raise websocket.WebSocketConnectionClosedException("closed")
+    comfy.stop()  # idempotent
+    assert not [t for t in threading.enumerate() if t.name.startswith("standin-comfyui")]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{comfy.url}/queue", timeout=2)
+
+
+def test_free_port_has_no_listener():
+    port = free_port()
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_client_vanishing_mid_stream_does_not_hurt_the_server(comfy):
+    comfy.progress_steps = 20
+    for _ in range(3):
+        sock = Sock(comfy, uuid.uuid4().hex)
+        pid = submit(comfy, image_prompt("v/x", width=512, batch=4), sock.client_id)
+        sock.ws.sock.close()  # abrupt: no close frame
+        deadline = time.monotonic() + 3
+        while not history(comfy, pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert history(comfy, pid)[pid]["status"]["status_str"] == "success"
+    deadline = time.monotonic() + 2
+    while comfy.ws_open_now and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert comfy.ws_open_now == 0 and comfy.ws_closed == 3
+
+
+def test_ws_counters_are_updated_before_the_close_handshake_completes(comfy):
+    for i in range(20):
+        sock = Sock(comfy, uuid.uuid4().hex)
+        assert comfy.ws_open_now == 1
+        sock.close()  # websocket-client waits for the server's close reply
+        assert comfy.ws_open_now == 0 and comfy.ws_closed == i + 1
+    assert comfy.ws_opened == 20 and comfy.max_ws_open == 1
