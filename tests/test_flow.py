@@ -222,3 +222,21 @@ def test_video_smoke_workflow_downloads_an_animated_file(comfy, tmp_path):
     (result,) = state.result()
     (file,) = result.files
     assert file.animated and file.path.endswith(".webp")
+
+
+def test_api_key_reaches_the_server_but_not_the_flow_run_record_or_logs(tmp_path):
+    from tests.standin import StandInComfyUI
+
+    standin = StandInComfyUI(require_token="tok-very-secret").start()
+    try:
+        server = ComfyUIServer(url=standin.url, api_key="tok-very-secret")
+        state = run(standin.url, tmp_path, ["x"], server=server)
+        assert state.is_completed(), state.message
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        assert flow_run.parameters["server"]["url"] == standin.url
+        assert "tok-very-secret" not in json.dumps(flow_run.parameters, default=str)
+        assert "tok-very-secret" not in logs_of(state)
+        assert all(h.get("Authorization") == "Bearer tok-very-secret" for h in standin.headers_seen)
+    finally:
+        standin.stop()

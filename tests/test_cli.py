@@ -1,0 +1,88 @@
+"""The ``comfy-pipeline`` command: ``run`` and ``check`` against the stand-in server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app, read_descriptions
+from tests.conftest import EXAMPLES
+from tests.standin import free_port
+
+runner = CliRunner()
+
+
+def test_entry_point_is_installed():
+    exe = shutil.which("comfy-pipeline")
+    cmd = [exe] if exe else [sys.executable, "-m", "flows.cli"]
+    out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "run" in out.stdout and "check" in out.stdout
+
+
+def test_descriptions_file_skips_blanks_and_comments(tmp_path):
+    f = tmp_path / "d.txt"
+    f.write_text("# campaign\na fox\n\n  a bird  \n#x\n", encoding="utf-8")
+    assert read_descriptions(f) == ["a fox", "a bird"]
+
+
+@pytest.mark.usefixtures("prefect_api", "no_leaked_threads")
+def test_run_generates_files_for_descriptions_from_flags_and_file(comfy, tmp_path):
+    descriptions = tmp_path / "d.txt"
+    descriptions.write_text("a gold fish\n", encoding="utf-8")
+    result = runner.invoke(app, [
+        "run", "--server", comfy.url, "--workflow", str(EXAMPLES / "smoke_image.json"),
+        "--kind", "image", "--character", "bob", "--description", "a red fox",
+        "--descriptions", str(descriptions), "--variants", "2", "--output-dir", str(tmp_path / "out"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "4 generation(s) done, 4 file(s)" in result.output
+    names = sorted(p.name for p in (tmp_path / "out").rglob("*.png"))
+    assert names == ["bob_d0_0.png", "bob_d0_1.png", "bob_d1_0.png", "bob_d1_1.png"]
+    assert comfy.ws_opened == 1
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_run_exits_non_zero_and_says_why_when_generations_fail(comfy, tmp_path):
+    result = runner.invoke(app, [
+        "run", "--server", comfy.url, "--workflow", str(EXAMPLES / "smoke_image.json"),
+        "--description", "ok", "--description", "bad [[fail]]", "--output-dir", str(tmp_path / "out"),
+    ])
+    assert result.exit_code == 1
+    assert "1 of 2 generations failed" in result.output
+
+
+def test_run_refuses_a_ui_format_workflow_before_contacting_anything(tmp_path):
+    ui = tmp_path / "ui.json"
+    ui.write_text(json.dumps({"nodes": [], "links": []}))
+    result = runner.invoke(app, ["run", "--server", "http://127.0.0.1:9", "--workflow", str(ui),
+                                 "--description", "x"])
+    assert result.exit_code == 2 and "Export (API)" in result.output
+
+
+def test_check_reports_a_reachable_server_and_known_nodes(comfy):
+    result = runner.invoke(app, ["check", "--server", comfy.url,
+                                 "--workflow", str(EXAMPLES / "sd15_txt2img.json")])
+    assert result.exit_code == 0, result.output
+    assert "reachable" in result.output and "node classes exist" in result.output
+
+
+def test_check_names_missing_node_classes(comfy, tmp_path):
+    wf = tmp_path / "custom.json"
+    wf.write_text(json.dumps({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "FancyUpscaler", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+    }))
+    result = runner.invoke(app, ["check", "--server", comfy.url, "--workflow", str(wf)])
+    assert result.exit_code == 1 and "FancyUpscaler" in result.output
+
+
+def test_check_names_an_unreachable_url():
+    url = f"http://127.0.0.1:{free_port()}"
+    result = runner.invoke(app, ["check", "--server", url])
+    assert result.exit_code == 1 and url in result.output and "unreachable" in result.output
