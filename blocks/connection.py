@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -109,6 +110,14 @@ class _Closed:
 
     def __init__(self, reason: str):
         self.reason = reason
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The useful part of a requests/urllib3 error, e.g. ``[Errno 111] Connection refused``."""
+    if isinstance(exc, requests.Timeout):
+        return f"no answer in time ({type(exc).__name__})"
+    match = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(exc))
+    return match.group(0).strip() if match else str(exc)
 
 
 def ws_url_for(http_url: str, client_id: str) -> str:
@@ -317,7 +326,7 @@ class ComfyUIConnection:
         try:
             response = self._session.request(method, url, **kwargs)
         except requests.RequestException as exc:
-            raise ServerUnreachable(self.url, f"{method} {path}: {exc}") from exc
+            raise ServerUnreachable(self.url, f"{method} {path}: {_short_reason(exc)}") from exc
         if response.status_code in (401, 403):
             raise AuthenticationFailed(self.url, response.status_code)
         return response

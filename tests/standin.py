@@ -3,7 +3,7 @@
 :class:`StandInComfyUI` runs an :mod:`aiohttp.web` application in its own asyncio event loop on a
 background daemon thread, so synchronous tests (``requests`` + ``websocket-client``) can talk to it
 exactly as they would to ComfyUI.  Its behaviour was written from the transcripts recorded against a
-real ComfyUI 0.3.64 in ``shared/comfyui-transcripts/`` (see the README there); where this module and a
+real ComfyUI 0.3.64 in ``tests/transcripts/`` (see the README there); where this module and a
 transcript disagree, the transcript is right.
 
 What it reproduces
@@ -67,7 +67,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import logging
+
 from aiohttp import WSMsgType, web
+
+log = logging.getLogger("tests.standin")
 
 __all__ = ["StandInComfyUI", "free_port"]
 
@@ -122,31 +126,14 @@ def _dumps(obj: Any) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _transcript_dirs() -> list[Path]:
-    here = Path(__file__).resolve()
-    dirs = []
-    env = os.environ.get("COMFYUI_TRANSCRIPTS")
-    if env:
-        dirs.append(Path(env))
-    dirs.append(here.parents[2] / "shared" / "comfyui-transcripts")
-    dirs.append(here.parents[1].parent / "shared" / "comfyui-transcripts")
-    dirs.append(Path("/work/shared/comfyui-transcripts"))
-    return dirs
+TRANSCRIPTS = Path(__file__).resolve().parent / "transcripts"
 
 
 @lru_cache(maxsize=1)
 def _recorded_object_info() -> dict[str, Any]:
-    """The real /object_info entries recorded in object_info_subset.json ({} when not found)."""
-    for folder in _transcript_dirs():
-        path = folder / "object_info_subset.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        nodes = data.get("nodes") if isinstance(data, dict) else None
-        if isinstance(nodes, dict):
-            return nodes
-    return {}
+    """The real /object_info entries recorded in ``tests/transcripts/object_info_subset.json``."""
+    data = json.loads((TRANSCRIPTS / "object_info_subset.json").read_text(encoding="utf-8"))
+    return data["nodes"]
 
 
 def _entry(
@@ -691,6 +678,7 @@ class StandInComfyUI:
         history_delay_s: float = 0.0,
         require_token: str | None = None,
         preview_frames: bool = True,
+        port: int = 0,
     ):
         self.execution_time_s = execution_time_s
         self.progress_steps = progress_steps
@@ -701,7 +689,7 @@ class StandInComfyUI:
         self.input_images: list[str] = ["example.png"]
         self.input_audio: list[str] = ["example.flac"]
 
-        self.port: int = 0
+        self.port: int = port
         self.url: str = ""
 
         self._lock = threading.RLock()
@@ -787,8 +775,8 @@ class StandInComfyUI:
             future = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
             try:
                 future.result(timeout=15)
-            except Exception:
-                pass
+            except Exception as exc:
+                log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)  # teardown/client race
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=10)
             if not thread.is_alive():
@@ -806,8 +794,8 @@ class StandInComfyUI:
                     task.cancel()
                 if pending:
                     loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            except Exception:
-                pass
+            except Exception as exc:
+                log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)  # teardown/client race
 
     async def _setup(self) -> None:
         self._wake = asyncio.Event()
@@ -837,7 +825,7 @@ class StandInComfyUI:
         await runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", self.port))
         site = web.SockSite(runner, sock)
         await site.start()
         self._runner = runner
@@ -863,8 +851,8 @@ class StandInComfyUI:
         if self._runner is not None:
             try:
                 await asyncio.wait_for(self._runner.cleanup(), timeout=5)
-            except Exception:
-                pass
+            except Exception as exc:
+                log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)  # teardown/client race
             self._runner = None
 
     async def _shutdown_and_stop(self, loop) -> None:
@@ -877,8 +865,8 @@ class StandInComfyUI:
     async def _close_ws(ws: web.WebSocketResponse) -> None:
         try:
             await ws.close(code=1001, message=b"server shutting down")
-        except Exception:
-            pass
+        except Exception as exc:
+            log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)  # teardown/client race
 
     # ------------------------------------------------------------------ public helpers
 
@@ -1050,8 +1038,8 @@ class StandInComfyUI:
             try:
                 n = int(max_items)
                 items = items[-n:] if n > 0 else []
-            except ValueError:
-                pass
+            except ValueError as exc:
+                log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)  # teardown/client race
         return web.json_response(dict(items))
 
     async def _h_get_history_one(self, request):
@@ -1144,8 +1132,8 @@ class StandInComfyUI:
                     self._on_client_text(client, msg.data)
                 elif msg.type == WSMsgType.ERROR:
                     break
-        except Exception:
-            pass
+        except Exception as exc:
+            log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)  # teardown/client race
         finally:
             # ComfyUI removes the entry for this id whoever holds it now: a newer socket with the same
             # clientId goes deaf when the older one closes.
@@ -1157,13 +1145,13 @@ class StandInComfyUI:
             client.finish()
             try:
                 await asyncio.wait_for(asyncio.shield(client.task), timeout=1.0)
-            except Exception:
-                pass
+            except Exception as exc:
+                log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)  # teardown/client race
             if not ws.closed:  # answers the client's close frame
                 try:
                     await ws.close()
-                except Exception:
-                    pass
+                except Exception as exc:
+                    log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)  # teardown/client race
         return ws
 
     def _on_client_text(self, client: _Client, text: str) -> None:
@@ -2001,3 +1989,26 @@ class StandInComfyUI:
             data = _blob(ext, self._tag(item, nid, filename, images))
         self._store(kind, sub, filename, data)
         return {"filename": filename, "subfolder": sub, "type": kind}
+
+
+def main() -> None:
+    """``python -m tests.standin --port 8188``: serve a stand-in ComfyUI until Ctrl-C (to try the CLI)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Stand-in ComfyUI server on 127.0.0.1 (no GPU, no models).")
+    parser.add_argument("--port", type=int, default=8188)
+    parser.add_argument("--execution-time", type=float, default=0.5, help="seconds per prompt")
+    parser.add_argument("--progress-steps", type=int, default=4)
+    args = parser.parse_args()
+    server = StandInComfyUI(port=args.port, execution_time_s=args.execution_time,
+                            progress_steps=args.progress_steps).start()
+    print(f"stand-in ComfyUI at {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
