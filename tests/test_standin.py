@@ -15,20 +15,11 @@ import pytest
 import requests
 import websocket
 
-from tests.standin import StandInComfyUI, _transcript_dirs, free_port
+from tests.standin import TRANSCRIPTS, StandInComfyUI, free_port
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def _transcripts() -> Path | None:
-    for folder in _transcript_dirs():
-        if (folder / "a_single_image.json").is_file():
-            return folder
-    return None
-
-
-TRANSCRIPTS = _transcripts()
-needs_transcripts = pytest.mark.skipif(TRANSCRIPTS is None, reason="shared/comfyui-transcripts not found")
 
 
 def load(name: str) -> dict:
@@ -152,7 +143,6 @@ def comfy():
 # --------------------------------------------------------------------------------------------- a, a2
 
 
-@needs_transcripts
 def test_single_image_run_matches_transcript_a(comfy):
     recorded = load("a_single_image.json")
     sock = Sock(comfy, uuid.uuid4().hex)
@@ -191,7 +181,6 @@ def test_single_image_run_matches_transcript_a(comfy):
     sock.close()
 
 
-@needs_transcripts
 def test_linked_strings_and_preview_any_match_transcript_a2(comfy):
     recorded = load("a2_description_string.json")
     sock = Sock(comfy, uuid.uuid4().hex)
@@ -315,7 +304,6 @@ def _without_tracebacks(body):
     return body
 
 
-@needs_transcripts
 @pytest.mark.parametrize("exchange", _d_cases())
 def test_validation_bodies_match_transcript_d(comfy, exchange):
     if "request_raw" in exchange:
@@ -349,7 +337,6 @@ def test_one_valid_and_one_invalid_output_runs_only_the_valid_one(comfy):
 # --------------------------------------------------------------------------------------------- e: errors
 
 
-@needs_transcripts
 def test_runtime_error_matches_transcript_e(comfy):
     recorded = load("e_runtime_error.json")
     sock = Sock(comfy, uuid.uuid4().hex)
@@ -629,7 +616,6 @@ def test_history_can_trail_the_websocket(comfy):
     sock.close()
 
 
-@needs_transcripts
 def test_plain_endpoints_match_transcript_0(comfy):
     recorded = {h["path"]: h for h in load("0_endpoints.json")["http"] if h["method"] == "GET"}
     assert requests.get(f"{comfy.url}/object_info/EmptyImage", timeout=5).json() == \
