@@ -89,9 +89,12 @@ def test_eight_generations_share_one_websocket_and_land_on_disk(comfy, tmp_path)
     summary = artifacts_of(state)["markdown"].data
     assert "8 of 8 generations succeeded" in summary
     assert "| connections opened | 1 |" in summary
+    progress = artifacts_of(state)["progress"]
+    assert progress.key == "alice-image-progress" and float(progress.data) == 100.0
     logs = logs_of(state)
     assert "description 2/4, variant 1/2" in logs
     assert "%" in logs and "executing node" in logs
+    assert "hash" not in logs.lower()  # the connection is left out of the cache key
 
 
 def test_failures_are_recorded_per_generation_while_the_others_complete(comfy, tmp_path):
