@@ -3,29 +3,30 @@
 The reader thread is the WebSocket demultiplexer: it reads every frame of ``/ws`` and hands
 each message that carries a ``prompt_id`` to the waiter registered for that prompt, so any
 number of threads can have prompts in flight on the same connection and each sees only its
-own messages. Messages without a ``prompt_id`` (``status``, ``executing`` after a reconnect)
-and binary preview frames are recorded or skipped, never fatal.
+own messages. Messages without a ``prompt_id`` (``status``, ``executing`` after a reconnect),
+malformed frames and binary preview frames are recorded or skipped, never fatal.
 
-HTTP endpoints spoken to: ``GET /system_stats`` (reachability), ``POST /prompt`` (submit),
-``GET /history/{prompt_id}`` (outputs), ``GET /view`` (download), ``GET /queue``,
-``POST /queue`` (delete pending), ``POST /interrupt`` (targeted), ``GET /object_info``.
+When the socket drops, the reader reconnects with backoff using the SAME ``client_id`` and
+asks every waiter to reconcile with the server (``GET /history/{prompt_id}``, ``GET /queue``):
+messages sent while we were away are lost, so finished prompts complete from history and
+running or pending ones keep waiting. Nothing is submitted again. A waiter that hears nothing
+for ``idle_timeout_s`` reconciles the same way; a prompt found nowhere several times in a row
+fails with :class:`PromptLost`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import re
+import random
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
 import websocket
 
 from .errors import (
@@ -34,10 +35,12 @@ from .errors import (
     ConnectionLost,
     GenerationTimeout,
     OutputError,
+    PromptLost,
     PromptValidationError,
     ServerError,
     ServerUnreachable,
 )
+from .http_api import ComfyUIHTTP
 from .protocol import (
     OutputRef,
     PromptEvent,
@@ -51,24 +54,30 @@ from .protocol import (
 logger = logging.getLogger("comfy_pipeline.connection")
 
 EventCallback = Callable[[PromptEvent, PromptTracker], None]
+PromptStatus = Literal["unknown", "pending", "running", "succeeded", "failed"]
 
 
 @dataclass
 class ConnectionStats:
     """Facts about one connection for the report.
 
-    ``connections_opened`` counts WebSocket handshakes (1 for a healthy run);
-    ``binary_frames_skipped`` counts preview frames; ``unroutable_messages`` counts messages
-    with a ``prompt_id`` that no waiter of ours owns.
+    ``connections_opened`` counts WebSocket handshakes that opened the connection (1 for a
+    flow run); ``reconnects`` counts handshakes after a drop; ``binary_frames_skipped`` counts
+    preview frames; ``malformed_frames`` frames that were not JSON messages;
+    ``unroutable_messages`` messages with a ``prompt_id`` that no waiter of ours owns;
+    ``polls`` reconciliations with ``/history`` + ``/queue``.
     """
 
     connections_opened: int = 0
     reconnects: int = 0
+    disconnects: int = 0
     messages: int = 0
     binary_frames_skipped: int = 0
     malformed_frames: int = 0
     unroutable_messages: int = 0
     prompts_submitted: int = 0
+    prompts_attached: int = 0
+    polls: int = 0
     last_queue_remaining: Optional[int] = None
 
 
@@ -103,21 +112,19 @@ class _Waiter:
         self.inbox: "queue.Queue[Any]" = queue.Queue()
         self.submitted_at = submitted_at
         self.started_at: Optional[float] = None
+        self.missing_polls = 0
+        self.unreachable: Optional[str] = None
 
 
 class _Closed:
-    """Put into every waiter's inbox when the reader stops."""
+    """Put into every waiter's inbox when the connection is finished for good."""
 
     def __init__(self, reason: str):
         self.reason = reason
 
 
-def _short_reason(exc: BaseException) -> str:
-    """The useful part of a requests/urllib3 error, e.g. ``[Errno 111] Connection refused``."""
-    if isinstance(exc, requests.Timeout):
-        return f"no answer in time ({type(exc).__name__})"
-    match = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(exc))
-    return match.group(0).strip() if match else str(exc)
+class _Reconcile:
+    """Put into every waiter's inbox after a reconnect: ask the server what happened."""
 
 
 def ws_url_for(http_url: str, client_id: str) -> str:
@@ -128,12 +135,31 @@ def ws_url_for(http_url: str, client_id: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, f"clientId={client_id}", ""))
 
 
+def _history_messages(prompt_id: str, entry: Mapping[str, Any]) -> list[dict]:
+    """A history entry's ``status.messages`` as WebSocket-style messages, ending in a completion."""
+    status = entry.get("status") or {}
+    messages = []
+    for item in status.get("messages") or []:
+        if isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict):
+            data = dict(item[1])
+            data.setdefault("prompt_id", prompt_id)
+            messages.append({"type": item[0], "data": data})
+    if status.get("status_str", "success") == "success":
+        messages.append({"type": "execution_success", "data": {"prompt_id": prompt_id}})
+    elif not any(m["type"] in ("execution_error", "execution_interrupted") for m in messages):
+        messages.append({"type": "execution_error", "data": {
+            "prompt_id": prompt_id, "node_id": None, "node_type": None,
+            "exception_type": "unknown", "exception_message": f"history status {status.get('status_str')!r}"}})
+    return messages
+
+
 class ComfyUIConnection:
     """A live connection to one ComfyUI server; a context manager.
 
     Opened by :meth:`blocks.server.ComfyUIServer.connect`. Thread-safe: many threads may call
     :meth:`run_prompt` (or :meth:`submit` + :meth:`wait`) at once. :meth:`close` is
-    idempotent: the WebSocket is closed and the reader thread ends exactly once.
+    idempotent: prompts of ours still in flight are removed from the server, the WebSocket
+    is closed and the reader thread ends, exactly once.
 
     Args:
         url: the server's HTTP base URL, e.g. ``http://127.0.0.1:8188``.
@@ -143,6 +169,10 @@ class ComfyUIConnection:
         generation_timeout_s: default seconds one prompt may run, from ``execution_start``
             (or its first ``executing``/``execution_cached``) to completion.
         queue_timeout_s: seconds one prompt may wait in the server's queue before it starts.
+        idle_timeout_s: seconds without a message for a prompt before asking the server about it
+            (``/history`` + ``/queue``) instead of waiting blindly.
+        reconnect_timeout_s: seconds to keep trying to reconnect a dropped WebSocket.
+        lost_after_polls: consecutive checks that find a prompt nowhere before :class:`PromptLost`.
         http_timeout_s: seconds allowed for one HTTP response (read timeout).
     """
 
@@ -155,6 +185,9 @@ class ComfyUIConnection:
         connect_timeout_s: float = 10.0,
         generation_timeout_s: float = 900.0,
         queue_timeout_s: float = 3600.0,
+        idle_timeout_s: float = 30.0,
+        reconnect_timeout_s: float = 120.0,
+        lost_after_polls: int = 3,
         http_timeout_s: float = 60.0,
     ):
         self.url = url.rstrip("/")
@@ -162,30 +195,32 @@ class ComfyUIConnection:
         self.connect_timeout_s = connect_timeout_s
         self.generation_timeout_s = generation_timeout_s
         self.queue_timeout_s = queue_timeout_s
-        self.http_timeout_s = http_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.lost_after_polls = lost_after_polls
         self.verify_tls = verify_tls
         self.stats = ConnectionStats()
+        self.http = ComfyUIHTTP(self.url, headers=headers, verify_tls=verify_tls,
+                                connect_timeout_s=connect_timeout_s, http_timeout_s=http_timeout_s)
         self._headers = dict(headers or {})
-        self._session = requests.Session()
-        self._session.headers.update(self._headers)
-        self._session.verify = verify_tls
         self._ws: Optional[websocket.WebSocket] = None
         self._reader: Optional[threading.Thread] = None
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._closed = False
-        self._close_reason: Optional[str] = None
+        self._dead_reason: Optional[str] = None
+        self._dropped_reason: Optional[str] = None  # set while the WebSocket is down
 
     # ----------------------------------------------------------------- lifecycle
     @property
     def ws_url(self) -> str:
-        """The ``/ws?clientId=`` URL this connection uses."""
+        """The ``/ws?clientId=`` URL this connection uses (the same after every reconnect)."""
         return ws_url_for(self.url, self.client_id)
 
     @property
     def is_open(self) -> bool:
-        """True while the WebSocket reader is running."""
+        """True while the reader runs (connected, or reconnecting)."""
         return self._reader is not None and self._reader.is_alive() and not self._closed
 
     def open(self) -> "ComfyUIConnection":
@@ -195,9 +230,19 @@ class ComfyUIConnection:
             ServerUnreachable: no answer within ``connect_timeout_s`` (names the URL).
             AuthenticationFailed: HTTP 401/403 or a refused WebSocket upgrade.
         """
-        if self._ws is not None:
+        if self._reader is not None:
             return self
-        self.system_stats()
+        self.http.system_stats()
+        self._ws = self._handshake()
+        self.stats.connections_opened += 1
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"comfyui-reader-{self.client_id[:8]}", daemon=True
+        )
+        self._reader.start()
+        logger.debug("connected to %s as client_id %s", self.url, self.client_id)
+        return self
+
+    def _handshake(self) -> websocket.WebSocket:
         try:
             ws = websocket.create_connection(
                 self.ws_url,
@@ -213,24 +258,28 @@ class ComfyUIConnection:
         except (OSError, websocket.WebSocketException) as exc:
             raise ServerUnreachable(self.url, f"WebSocket {self.ws_url.split('?')[0]}: {exc}") from exc
         ws.settimeout(None)  # the reader blocks; close() unblocks it
-        self._ws = ws
-        self.stats.connections_opened += 1
-        self._reader = threading.Thread(
-            target=self._read_loop, name=f"comfyui-reader-{self.client_id[:8]}", daemon=True
-        )
-        self._reader.start()
-        logger.debug("connected to %s as client_id %s", self.url, self.client_id)
-        return self
+        return ws
 
-    def close(self) -> None:
-        """Close the WebSocket and the HTTP session; end the reader thread. Idempotent.
+    def close(self, *, cancel_in_flight: bool = True) -> None:
+        """Release the connection. Idempotent; safe from any thread.
 
-        Waiters still in flight are woken with :class:`ConnectionLost`.
+        Prompts of ours still in flight are first removed from the server (deleted if
+        pending, interrupted by ``prompt_id`` if running), unless ``cancel_in_flight`` is
+        False; their waiters are woken with :class:`ConnectionLost`. Then the WebSocket is
+        closed, the reader thread ends and the HTTP session is closed.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            in_flight = list(self._waiters)
+        if cancel_in_flight and in_flight:
+            logger.warning("closing with %d prompt(s) in flight on %s: removing them from the server",
+                           len(in_flight), self.url)
+            self._wake_all("the connection was closed (the flow run ended or was cancelled) and the "
+                           "prompt was removed from the server")
+            for prompt_id in in_flight:
+                self.cancel_prompt(prompt_id)
         self._closing.set()
         ws = self._ws
         if ws is not None:
@@ -240,14 +289,18 @@ class ComfyUIConnection:
                 logger.debug("close frame not sent: %s", exc)
             if self._reader is not None:
                 self._reader.join(timeout=2.0)
-            try:
-                ws.shutdown()
-            except (OSError, websocket.WebSocketException) as exc:
-                logger.debug("socket shutdown: %s", exc)
-            if self._reader is not None:
-                self._reader.join(timeout=5.0)
+            self._shutdown_socket(ws)
+        if self._reader is not None:
+            self._reader.join(timeout=5.0)
         self._wake_all("the connection was closed")
-        self._session.close()
+        self.http.close()
+
+    @staticmethod
+    def _shutdown_socket(ws: websocket.WebSocket) -> None:
+        try:
+            ws.shutdown()
+        except (OSError, websocket.WebSocketException) as exc:
+            logger.debug("socket shutdown: %s", exc)
 
     def __enter__(self) -> "ComfyUIConnection":
         return self.open()
@@ -255,18 +308,51 @@ class ComfyUIConnection:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    # Prefect may try to copy or pickle task inputs; a live connection is neither.
+    # Prefect may try to copy task inputs; a live connection is shared, never copied.
     def __deepcopy__(self, memo: dict) -> "ComfyUIConnection":
         return self
 
-    def __reduce__(self):  # pragma: no cover - guard
+    def __reduce__(self):
         raise TypeError("ComfyUIConnection is a live resource and cannot be pickled")
 
     # ----------------------------------------------------------------- reader thread
     def _read_loop(self) -> None:
-        reason = "the server closed the WebSocket"
-        ws = self._ws
-        assert ws is not None
+        reason = "the connection was closed"
+        try:
+            while not self._closing.is_set():
+                ws = self._ws
+                assert ws is not None
+                reason = self._pump(ws)
+                if self._closing.is_set():
+                    reason = "the connection was closed"
+                    break
+                self.stats.disconnects += 1
+                self._dropped_reason = reason
+                logger.warning("WebSocket to %s dropped (%s); reconnecting as client_id %s",
+                               self.url, reason, self.client_id)
+                self._shutdown_socket(ws)
+                new_ws = self._reconnect(reason)
+                if new_ws is None:
+                    break
+                self._ws = new_ws
+                self._dropped_reason = None
+                self.stats.reconnects += 1
+                logger.warning("WebSocket to %s reconnected; checking %d prompt(s) in flight",
+                               self.url, len(self._waiters))
+                with self._lock:
+                    waiters = list(self._waiters.values())
+                for waiter in waiters:
+                    waiter.inbox.put(_Reconcile())
+        except Exception as exc:  # a bug of ours must not leave waiters hanging
+            logger.exception("WebSocket reader crashed")
+            reason = f"the WebSocket reader crashed: {type(exc).__name__}: {exc}"
+        finally:
+            if not self._closing.is_set():
+                self._dead_reason = reason
+            self._wake_all(reason)
+
+    def _pump(self, ws: websocket.WebSocket) -> str:
+        """Read frames until the socket ends; return why it ended."""
         try:
             while not self._closing.is_set():
                 opcode, payload = ws.recv_data()
@@ -277,18 +363,26 @@ class ComfyUIConnection:
                     logger.debug("skipped binary frame, event type %s, %d bytes",
                                  binary_event_type(payload), len(payload))
                 elif opcode == websocket.ABNF.OPCODE_CLOSE:
-                    break
+                    return "the server closed the WebSocket"
         except (OSError, websocket.WebSocketException) as exc:
-            if not self._closing.is_set():
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        except Exception as exc:  # a bug of ours must not leave waiters hanging
-            logger.exception("WebSocket reader crashed")
-            reason = f"reader thread crashed: {type(exc).__name__}: {exc}"
-        finally:
-            if self._closing.is_set():
-                reason = "the connection was closed"
-            self._close_reason = reason
-            self._wake_all(reason)
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return "the connection was closed"
+
+    def _reconnect(self, reason: str) -> Optional[websocket.WebSocket]:
+        """Handshake again with the same client_id, with exponential backoff and jitter."""
+        deadline = time.monotonic() + self.reconnect_timeout_s
+        delay = 0.1
+        last = reason
+        while not self._closing.is_set() and time.monotonic() < deadline:
+            try:
+                return self._handshake()
+            except ComfyUIError as exc:
+                last = str(exc)
+            self._closing.wait(min(delay * (0.5 + random.random()), max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 5.0)
+        if not self._closing.is_set():
+            logger.error("gave up reconnecting to %s after %g s: %s", self.url, self.reconnect_timeout_s, last)
+        return None
 
     def _route_text(self, payload: bytes | str) -> None:
         self.stats.messages += 1
@@ -319,50 +413,37 @@ class ComfyUIConnection:
         for waiter in waiters:
             waiter.inbox.put(_Closed(reason))
 
-    # ----------------------------------------------------------------- HTTP helpers
-    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        url = f"{self.url}{path}"
-        kwargs.setdefault("timeout", (self.connect_timeout_s, self.http_timeout_s))
-        try:
-            response = self._session.request(method, url, **kwargs)
-        except requests.RequestException as exc:
-            raise ServerUnreachable(self.url, f"{method} {path}: {_short_reason(exc)}") from exc
-        if response.status_code in (401, 403):
-            raise AuthenticationFailed(self.url, response.status_code)
-        return response
-
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._request(method, path, **kwargs)
-        if response.status_code != 200:
-            raise ServerError(method, f"{self.url}{path}", response.status_code, response.text)
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise ServerError(method, f"{self.url}{path}", response.status_code,
-                              f"not JSON: {response.text[:200]}") from exc
-
+    # ----------------------------------------------------------------- HTTP conveniences
     def system_stats(self) -> dict:
-        """``GET /system_stats``: server, Python and device facts.
-
-        Raises:
-            ServerUnreachable: no answer within ``connect_timeout_s``.
-        """
-        return self._json("GET", "/system_stats", timeout=(self.connect_timeout_s, self.connect_timeout_s))
+        """``GET /system_stats``. Raises :class:`ServerUnreachable` within ``connect_timeout_s``."""
+        return self.http.system_stats()
 
     def object_info(self) -> dict:
-        """``GET /object_info``: ``{class_type: definition}`` of every node the server has."""
-        return self._json("GET", "/object_info")
+        """``GET /object_info``: ``{class_type: definition}``."""
+        return self.http.object_info()
 
     def get_queue(self) -> dict:
         """``GET /queue``: ``{"queue_running": [...], "queue_pending": [...]}``."""
-        return self._json("GET", "/queue")
+        return self.http.queue()
 
     def get_history(self, prompt_id: str) -> dict:
-        """``GET /history/{prompt_id}``: the entry for the prompt, or ``{}`` if the server has none."""
-        body = self._json("GET", f"/history/{prompt_id}")
-        return body.get(prompt_id) or {}
+        """``GET /history/{prompt_id}``: the entry, or ``{}``."""
+        return self.http.history(prompt_id)
+
+    def download(self, ref: OutputRef, dest: Path) -> int:
+        """``GET /view`` to ``dest`` (see :meth:`ComfyUIHTTP.download`). Returns bytes written."""
+        return self.http.download(ref, dest)
 
     # ----------------------------------------------------------------- prompts
+    def _register(self, prompt_id: str, prompt: Optional[Mapping[str, Any]]) -> _Waiter:
+        if self._closed or self._dead_reason is not None:
+            raise ConnectionLost(self.url, self._dead_reason or "the connection is closed")
+        node_types = {str(k): v.get("class_type") for k, v in (prompt or {}).items() if isinstance(v, Mapping)}
+        waiter = _Waiter(PromptTracker(prompt_id, node_types), time.monotonic())
+        with self._lock:
+            self._waiters[prompt_id] = waiter
+        return waiter
+
     def submit(
         self,
         prompt: Mapping[str, Any],
@@ -373,36 +454,32 @@ class ComfyUIConnection:
         """``POST /prompt`` with this connection's ``client_id`` and a client-chosen ``prompt_id``.
 
         The waiter is registered before the POST, so no message of the prompt can be missed.
+        If the POST fails in transport (an ambiguous submit: it may have arrived), the server
+        is asked whether it has the ``prompt_id``; if it has, the prompt is kept, not re-sent.
 
         Returns:
             the ``prompt_id`` (a uuid4 string unless one was given).
 
         Raises:
             PromptValidationError: HTTP 400, with every ``node_errors`` entry in the message.
-            ServerError: any other non-200 answer.
-            ServerUnreachable / ConnectionLost: the server or the WebSocket is gone.
+            ServerError: any other non-200 answer (e.g. 500).
+            ServerUnreachable / ConnectionLost: the server or the connection is gone.
         """
-        if self._closed or self._ws is None:
-            raise ConnectionLost(self.url, self._close_reason or "the connection is not open")
         prompt_id = prompt_id or str(uuid.uuid4())
-        node_types = {str(k): v.get("class_type") for k, v in prompt.items() if isinstance(v, Mapping)}
-        waiter = _Waiter(PromptTracker(prompt_id, node_types), time.monotonic())
-        with self._lock:
-            self._waiters[prompt_id] = waiter
+        self._register(prompt_id, prompt)
         body: dict[str, Any] = {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id}
         if extra_data:
             body["extra_data"] = dict(extra_data)
         try:
-            response = self._request("POST", "/prompt", json=body)
-            if response.status_code == 400:
-                try:
-                    err = response.json()
-                except ValueError:
-                    err = {"error": {"message": response.text}}
-                raise PromptValidationError(err.get("error"), err.get("node_errors"))
-            if response.status_code != 200:
-                raise ServerError("POST", f"{self.url}/prompt", response.status_code, response.text)
-            answer = response.json()
+            answer = self.http.post_prompt(body)
+        except ServerUnreachable:
+            if self._server_has(prompt_id):
+                logger.warning("POST /prompt for %s failed in transport but the server has it; "
+                               "following it instead of posting again", prompt_id)
+                self.stats.prompts_submitted += 1
+                return prompt_id
+            self._forget(prompt_id)
+            raise
         except BaseException:
             self._forget(prompt_id)
             raise
@@ -412,11 +489,52 @@ class ComfyUIConnection:
             logger.warning("%s", PromptValidationError({"message": "some outputs were dropped"},
                                                       answer["node_errors"]))
         returned = answer.get("prompt_id")
-        if returned and returned != prompt_id:  # a server that ignores client prompt_id
+        if returned and returned != prompt_id:  # a server that ignores the client's prompt_id
             with self._lock:
-                self._waiters[returned] = self._waiters.pop(prompt_id)
+                waiter = self._waiters.pop(prompt_id)
                 waiter.tracker.prompt_id = returned
+                self._waiters[returned] = waiter
             prompt_id = returned
+        return prompt_id
+
+    def _server_has(self, prompt_id: str) -> bool:
+        try:
+            return self.prompt_status(prompt_id)[0] != "unknown"
+        except ComfyUIError as exc:
+            logger.debug("could not check %s after a failed POST: %s", prompt_id, exc)
+            return False
+
+    def prompt_status(self, prompt_id: str) -> tuple[PromptStatus, dict]:
+        """Where the server has this prompt: ``(status, history_entry)``.
+
+        ``status`` is ``pending`` / ``running`` (``GET /queue``), ``succeeded`` / ``failed``
+        (``GET /history/{prompt_id}``, entry returned), or ``unknown``.
+
+        Raises:
+            ServerUnreachable / ServerError: the server could not be asked.
+        """
+        entry = self.http.history(prompt_id)
+        if not entry:
+            running, pending = self.http.queue_ids()
+            if prompt_id in running:
+                return "running", {}
+            if prompt_id in pending:
+                return "pending", {}
+            entry = self.http.history(prompt_id)  # it may have finished between the two requests
+            if not entry:
+                return "unknown", {}
+        ok = (entry.get("status") or {}).get("status_str", "success") == "success"
+        return ("succeeded" if ok else "failed"), entry
+
+    def attach(self, prompt_id: str, prompt: Optional[Mapping[str, Any]] = None) -> str:
+        """Follow a prompt that is already on the server (submitted earlier, maybe by a lost attempt).
+
+        Registers a waiter and has it reconcile with the server at once, so a prompt that
+        already finished completes from history. Returns ``prompt_id``.
+        """
+        waiter = self._register(prompt_id, prompt)
+        waiter.inbox.put(_Reconcile())
+        self.stats.prompts_attached += 1
         return prompt_id
 
     def wait(
@@ -430,7 +548,7 @@ class ComfyUIConnection:
         """Block until the prompt completes, fails, or times out.
 
         Args:
-            prompt_id: a prompt submitted on this connection.
+            prompt_id: a prompt submitted (or attached) on this connection.
             timeout_s: seconds the prompt may run once it started; defaults to
                 ``generation_timeout_s``. Time spent waiting in the server's queue behind other
                 prompts does not count; it is bounded by ``queue_timeout_s``.
@@ -438,12 +556,16 @@ class ComfyUIConnection:
                 and with a ``waiting`` event after ``heartbeat_s`` seconds without a message.
             heartbeat_s: seconds of silence between ``waiting`` events.
 
+        After ``idle_timeout_s`` without a message, and after every reconnect, the server is
+        asked about the prompt (``/history``, ``/queue``) instead of waiting blindly.
+
         Raises:
             NodeExecutionError: ``execution_error`` for this prompt.
             ExecutionInterrupted: ``execution_interrupted`` for this prompt.
             GenerationTimeout: not finished in time; the prompt is removed from the server
                 (deleted if pending, interrupted if running).
-            ConnectionLost: the WebSocket closed first.
+            PromptLost: the server no longer knows the prompt (it restarted).
+            ConnectionLost: the connection was closed, or the server stayed unreachable.
         """
         with self._lock:
             waiter = self._waiters.get(prompt_id)
@@ -451,35 +573,41 @@ class ComfyUIConnection:
             raise KeyError(f"prompt {prompt_id} was not submitted on this connection")
         timeout_s = self.generation_timeout_s if timeout_s is None else timeout_s
         tracker = waiter.tracker
+        last_heard = time.monotonic()
+        last_beat = last_heard
         try:
             while not tracker.done:
                 queued = waiter.started_at is None
-                if queued:
-                    deadline = waiter.submitted_at + self.queue_timeout_s
-                else:
-                    deadline = waiter.started_at + timeout_s
-                remaining = deadline - time.monotonic()
+                deadline = (waiter.submitted_at + self.queue_timeout_s) if queued else (waiter.started_at + timeout_s)
+                now = time.monotonic()
+                poll_at = last_heard + (self.idle_timeout_s if waiter.missing_polls == 0
+                                        else min(self.idle_timeout_s, 1.0))
+                wake = min(deadline, poll_at, last_beat + heartbeat_s)
                 try:
                     # Messages already received count even when we come late to the deadline.
-                    item = waiter.inbox.get(timeout=max(0.0, min(remaining, heartbeat_s)))
+                    item = waiter.inbox.get(timeout=max(0.0, wake - now))
                 except queue.Empty:
-                    if time.monotonic() < deadline:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        self._timed_out(waiter, queued, timeout_s)
+                    if now >= poll_at:
+                        self._reconcile(waiter)
+                        last_heard = time.monotonic()
+                    elif now >= last_beat + heartbeat_s:
+                        last_beat = now
                         if on_event is not None:
                             on_event(PromptEvent("waiting"), tracker)
-                        continue
-                    state = tracker.describe()
-                    self.cancel_prompt(prompt_id)
-                    if queued:
-                        raise GenerationTimeout(prompt_id, self.queue_timeout_s, state, in_queue=True)
-                    raise GenerationTimeout(prompt_id, timeout_s, state)
+                    continue
                 if isinstance(item, _Closed):
                     raise ConnectionLost(self.url, item.reason, prompt_id)
+                if isinstance(item, _Reconcile):
+                    self._reconcile(waiter)
+                    last_heard = time.monotonic()
+                    continue
                 received_at, msg = item
-                for event in tracker.feed(msg):
-                    if event.kind in ("started", "cached", "executing") and waiter.started_at is None:
-                        waiter.started_at = received_at
-                    if on_event is not None:
-                        on_event(event, tracker)
+                last_heard = last_beat = time.monotonic()
+                waiter.missing_polls = 0
+                self._feed(waiter, msg, received_at, on_event)
             if tracker.error is not None:
                 raise tracker.error
             return PromptOutcome(
@@ -494,9 +622,66 @@ class ComfyUIConnection:
         finally:
             self._forget(prompt_id)
 
+    @staticmethod
+    def _feed(waiter: _Waiter, msg: Mapping[str, Any], received_at: float,
+              on_event: Optional[EventCallback]) -> None:
+        for event in waiter.tracker.feed(msg):
+            if event.kind in ("started", "cached", "executing") and waiter.started_at is None:
+                waiter.started_at = received_at
+            if on_event is not None:
+                on_event(event, waiter.tracker)
+
+    def _timed_out(self, waiter: _Waiter, queued: bool, timeout_s: float) -> None:
+        tracker = waiter.tracker
+        if self._dropped_reason is not None:
+            raise ConnectionLost(self.url, f"the WebSocket dropped ({self._dropped_reason}) and "
+                                 "could not be reconnected in time", tracker.prompt_id)
+        if waiter.unreachable is not None:
+            raise ConnectionLost(self.url, f"the server stayed unreachable ({waiter.unreachable})",
+                                 tracker.prompt_id)
+        state = tracker.describe()
+        self.cancel_prompt(tracker.prompt_id)
+        if queued:
+            raise GenerationTimeout(tracker.prompt_id, self.queue_timeout_s, state, in_queue=True)
+        raise GenerationTimeout(tracker.prompt_id, timeout_s, state)
+
+    def _reconcile(self, waiter: _Waiter) -> None:
+        """Ask the server about one prompt; complete it from history if it finished meanwhile."""
+        tracker = waiter.tracker
+        self.stats.polls += 1
+        try:
+            status, entry = self.prompt_status(tracker.prompt_id)
+        except (ServerUnreachable, ServerError) as exc:
+            waiter.unreachable = str(exc)
+            logger.debug("could not reconcile %s: %s", tracker.prompt_id, exc)
+            return
+        waiter.unreachable = None
+        now = time.monotonic()
+        if status in ("succeeded", "failed"):
+            waiter.missing_polls = 0
+            for msg in _history_messages(tracker.prompt_id, entry):
+                self._feed(waiter, msg, now, None)
+        elif status == "running":
+            waiter.missing_polls = 0
+            if waiter.started_at is None:
+                waiter.started_at = now
+        elif status == "pending":
+            waiter.missing_polls = 0
+        else:
+            waiter.missing_polls += 1
+            logger.warning("prompt %s not found on %s (%d of %d checks)", tracker.prompt_id,
+                           self.url, waiter.missing_polls, self.lost_after_polls)
+            if waiter.missing_polls >= self.lost_after_polls:
+                raise PromptLost(tracker.prompt_id, self.url, waiter.missing_polls)
+
     def _forget(self, prompt_id: str) -> None:
         with self._lock:
             self._waiters.pop(prompt_id, None)
+
+    def in_flight(self) -> list[str]:
+        """The prompt ids this connection is waiting for now."""
+        with self._lock:
+            return list(self._waiters)
 
     def cancel_prompt(self, prompt_id: str) -> None:
         """Remove one prompt of ours from the server, never touching anyone else's.
@@ -505,13 +690,11 @@ class ComfyUIConnection:
         if it is running. Failures are logged, not raised (this runs on error paths).
         """
         try:
-            snapshot = self.get_queue()
-            running = {item[1] for item in snapshot.get("queue_running", []) if len(item) > 1}
-            pending = {item[1] for item in snapshot.get("queue_pending", []) if len(item) > 1}
+            running, pending = self.http.queue_ids()
             if prompt_id in pending:
-                self._request("POST", "/queue", json={"delete": [prompt_id]})
+                self.http.delete_pending(prompt_id)
             if prompt_id in running:
-                self._request("POST", "/interrupt", json={"prompt_id": prompt_id})
+                self.http.interrupt(prompt_id)
         except ComfyUIError as exc:
             logger.warning("could not remove prompt %s from %s: %s", prompt_id, self.url, exc)
 
@@ -526,7 +709,7 @@ class ComfyUIConnection:
         deadline = time.monotonic() + within_s
         delay = 0.02
         while True:
-            entry = self.get_history(prompt_id)
+            entry = self.http.history(prompt_id)
             if entry:
                 return entry
             if time.monotonic() >= deadline:
@@ -538,63 +721,18 @@ class ComfyUIConnection:
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    def download(self, ref: OutputRef, dest: Path, *, chunk_bytes: int = 1 << 16) -> int:
-        """``GET /view`` one output file, streamed to disk and renamed into place when complete.
-
-        The body goes to a hidden temporary file beside ``dest``; it becomes ``dest`` only once
-        every byte (per ``Content-Length``) arrived. ``dest`` must not exist: nothing is
-        overwritten.
-
-        Returns:
-            the number of bytes written.
-
-        Raises:
-            OutputError: HTTP error, truncated body, or ``dest`` already exists.
-        """
-        params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-        response = self._request("GET", "/view", params=params, stream=True)
-        try:
-            if response.status_code != 200:
-                raise OutputError(
-                    f"GET /view of {ref.subfolder}/{ref.filename} ({ref.type}) from {self.url} "
-                    f"answered HTTP {response.status_code}; the file is not on the server."
-                )
-            expected = response.headers.get("Content-Length")
-            written = 0
-            with open(tmp, "wb") as fh:
-                for chunk in response.iter_content(chunk_bytes):
-                    fh.write(chunk)
-                    written += len(chunk)
-            if expected is not None and written != int(expected):
-                raise OutputError(
-                    f"GET /view of {ref.filename} from {self.url} was cut short: "
-                    f"{written} of {expected} bytes."
-                )
-            try:
-                os.link(tmp, dest)  # fails if dest exists: never overwrite
-            except FileExistsError as exc:
-                raise OutputError(f"{dest} already exists; not overwriting it.") from exc
-            return written
-        except requests.RequestException as exc:
-            raise OutputError(f"GET /view of {ref.filename} from {self.url} failed: {exc}") from exc
-        finally:
-            response.close()
-            tmp.unlink(missing_ok=True)
-
     def run_prompt(
         self,
         prompt: Mapping[str, Any],
         *,
         prompt_id: Optional[str] = None,
+        attach: bool = False,
         timeout_s: Optional[float] = None,
         on_event: Optional[EventCallback] = None,
         heartbeat_s: float = 30.0,
         output_types: Optional[tuple[str, ...]] = ("output",),
     ) -> tuple[PromptOutcome, list[OutputRef]]:
-        """Submit, wait, and list the prompt's output files from history.
+        """Submit (or, with ``attach``, follow an existing ``prompt_id``), wait, list outputs.
 
         Returns:
             ``(outcome, refs)``: timings and the files to download with :meth:`download`.
@@ -602,7 +740,12 @@ class ComfyUIConnection:
         Raises:
             everything :meth:`submit`, :meth:`wait` and :meth:`wait_for_history` raise.
         """
-        prompt_id = self.submit(prompt, prompt_id=prompt_id)
+        if attach:
+            if prompt_id is None:
+                raise ValueError("attach needs the prompt_id to follow")
+            self.attach(prompt_id, prompt)
+        else:
+            prompt_id = self.submit(prompt, prompt_id=prompt_id)
         outcome = self.wait(prompt_id, timeout_s=timeout_s, on_event=on_event, heartbeat_s=heartbeat_s)
         entry = self.wait_for_history(prompt_id)
         return outcome, outputs_from_history(entry, output_types)

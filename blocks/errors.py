@@ -180,3 +180,20 @@ class ServerError(ComfyUIError):
 
 class OutputError(ComfyUIError):
     """An output file could not be downloaded or written."""
+
+
+class PromptLost(ComfyUIError):
+    """The prompt is neither in the server's queue nor in its history any more.
+
+    ComfyUI keeps both in memory only, so this means the server restarted (or someone cleared
+    them) while the prompt was in flight. Nothing of it can be recovered; it is safe to submit
+    it again.
+    """
+
+    def __init__(self, prompt_id: str, url: str, polls: int):
+        self.prompt_id = prompt_id
+        self.url = url
+        super().__init__(
+            f"ComfyUI prompt {prompt_id} is gone from {url}: neither queued, running nor in history "
+            f"after {polls} checks. The server probably restarted; the generation can be run again."
+        )

@@ -63,6 +63,16 @@ class ComfyUIServer(Block):
         gt=0,
         description="Seconds one generation may wait in ComfyUI's queue before it starts.",
     )
+    idle_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds without a message for a generation before asking the server about it.",
+    )
+    reconnect_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds to keep reconnecting a dropped WebSocket before giving up.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -103,5 +113,7 @@ class ComfyUIServer(Block):
             connect_timeout_s=self.connect_timeout_s,
             generation_timeout_s=self.generation_timeout_s,
             queue_timeout_s=self.queue_timeout_s,
+            idle_timeout_s=self.idle_timeout_s,
+            reconnect_timeout_s=self.reconnect_timeout_s,
         )
         return connection.open()

@@ -4,6 +4,11 @@ One ComfyUI connection is acquired per flow run, the ``generate`` task is mapped
 descriptions × variants on it, the connection is released in ``finally``, then the
 artifacts are written. One failed generation never stops the others; if any failed, the
 flow run ends Failed with "N of M generations failed" after the report is written.
+
+Retrying a failed flow run (Prefect UI "Retry", ``prefect flow-run retry``, or the flow's
+own ``retries``) redoes only the failed generations: the plan (prompt ids, seeds) is derived
+from the flow run id, so completed generations hit their persisted results and are not sent to
+ComfyUI again, unless one of their files was deleted, in which case that generation runs again.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger, runtime, unmapped
 from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 from pydantic import Field
 
 from blocks.connection import ComfyUIConnection
@@ -38,13 +44,17 @@ def plan_generations(
     base_seed: Optional[int],
     *,
     uses_seed: bool = True,
+    run_key: Optional[str] = None,
 ) -> list[GenerationSpec]:
     """Every (description, variant) pair with its seed and a client-chosen ``prompt_id``.
 
     Order is description-major: ``[d0v0, d0v1, d1v0, ...]``; ``position`` is 1-based.
     ``seed`` is ``None`` when the workflow binds no seed (``uses_seed=False``).
+    With a ``run_key`` (the flow run id) the plan is the same every time it is made for that
+    key, random seeds included, so a retried flow run finds its completed generations again.
     """
-    rng = random.Random()
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{run_key}") if run_key else None
+    rng = random.Random(run_key) if run_key else random.Random()
     total = len(descriptions) * variants
     specs = []
     for index, description in enumerate(descriptions):
@@ -61,12 +71,22 @@ def plan_generations(
                     variant=variant,
                     description=description,
                     seed=seed,
-                    prompt_id=str(uuid.uuid4()),
+                    prompt_id=str(uuid.uuid5(namespace, f"{index}/{variant}") if namespace else uuid.uuid4()),
                     position=len(specs) + 1,
                     total=total,
                 )
             )
     return specs
+
+
+def _run_all(task, connection, template, specs, settings, outcomes: dict, progress) -> None:
+    """Map ``task`` over ``specs`` on the shared connection; record each outcome as it finishes."""
+    futures = task.map(unmapped(connection), unmapped(template), specs, unmapped(settings))
+    spec_of = {future.task_run_id: spec for future, spec in zip(futures, specs)}
+    for future in as_completed(list(futures)):
+        outcomes[spec_of[future.task_run_id].position] = future.result(raise_on_failure=False)
+        if progress is not None:
+            progress.advance()
 
 
 def _load_workflow(workflow: Union[ComfyUIWorkflow, str]) -> ComfyUIWorkflow:
@@ -92,6 +112,8 @@ def generate_content(
     base_seed: Optional[int] = None,
     params: Optional[dict[str, Any]] = None,
     output_types: Optional[list[str]] = None,
+    retries: Annotated[int, Field(ge=0, le=10)] = 2,
+    retry_delay_s: Annotated[float, Field(ge=0)] = 5.0,
 ) -> list[GenerationResult]:
     """Generate ``variants`` images or videos for each description over ONE ComfyUI connection.
 
@@ -110,6 +132,9 @@ def generate_content(
         params: extra workflow parameters for the bindings, e.g. ``{"negative_prompt": "..."}``.
         output_types: ``/view`` types to download (default ``["output"]``; add ``"temp"`` for
             PreviewImage outputs).
+        retries: retries per generation for transient failures (server or socket gone, 5xx,
+            lost prompt, stall); validation and node errors are never retried.
+        retry_delay_s: first retry delay in seconds, doubling each time, with jitter.
 
     Returns:
         the :class:`GenerationResult` of every generation, in plan order.
@@ -122,7 +147,7 @@ def generate_content(
     began = time.monotonic()
     template = _load_workflow(workflow)
     specs = plan_generations(descriptions, variants, SeedMode(seed_mode), base_seed,
-                             uses_seed=template.binds("seed"))
+                             uses_seed=template.binds("seed"), run_key=runtime.flow_run.id)
     settings = GenerationSettings(
         kind=kind,
         character=character,
@@ -131,6 +156,11 @@ def generate_content(
         variants=variants,
         params=dict(params or {}),
         output_types=list(output_types or ["output"]),
+        retries=retries,
+    )
+    task = generate.with_options(
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s) if retries else 0,
     )
     facts = RunFacts(character=character, kind=kind, server_url=server.url,
                      output_dir=settings.output_dir, wall_s=0.0)
@@ -146,11 +176,15 @@ def generate_content(
             facts.fatal_error = f"{type(exc).__name__}: {exc}"
             raise
         facts.client_id = connection.client_id
-        futures = generate.map(unmapped(connection), unmapped(template), specs, unmapped(settings))
-        spec_of = {future.task_run_id: spec for future, spec in zip(futures, specs)}
-        for future in as_completed(list(futures)):
-            outcomes[spec_of[future.task_run_id].position] = future.result(raise_on_failure=False)
-            progress.advance()
+        _run_all(task, connection, template, specs, settings, outcomes, progress)
+        # A result that came back from an earlier attempt of this flow run whose files were
+        # deleted since: run that generation again.
+        stale = [s for s in specs if isinstance(outcomes.get(s.position), GenerationResult)
+                 and not all(Path(f.path).is_file() for f in outcomes[s.position].files)]
+        if stale:
+            logger.warning("%d completed generation(s) lost files on disk; running them again", len(stale))
+            _run_all(task.with_options(refresh_cache=True), connection, template, stale, settings,
+                     outcomes, None)
     finally:
         if connection is not None:
             connection.close()

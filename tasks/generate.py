@@ -3,18 +3,32 @@
 Submit the rendered workflow on the flow run's shared connection, follow its messages until
 it completes, list its outputs from ``GET /history/{prompt_id}`` and download every file with
 ``GET /view``. Progress goes to the task run's logger.
+
+Retries are safe: every attempt has its own client-chosen ``prompt_id``, derived from the
+planned one and the attempt numbers, and before submitting, an attempt asks the server about
+the ids of all earlier attempts; one that is still queued, running or already succeeded is
+followed (re-attached) instead of posting again. Only transient failures are retried
+(:func:`is_transient`).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import DEFAULT
 
-from blocks.connection import ComfyUIConnection
-from blocks.protocol import PromptEvent, PromptTracker
+from blocks.connection import ComfyUIConnection, PromptOutcome
+from blocks.errors import (
+    ConnectionLost,
+    GenerationTimeout,
+    PromptLost,
+    ServerError,
+    ServerUnreachable,
+)
+from blocks.protocol import OutputRef, PromptEvent, PromptTracker
 from blocks.workflow import ComfyUIWorkflow
 
 from .models import GenerationResult, GenerationSettings, GenerationSpec, OutputFile
@@ -79,12 +93,68 @@ def _num(value) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: the server or socket went away, 5xx, a lost prompt,
+    a stall past the deadline. Validation errors, node errors, interrupts and bad workflows
+    are permanent: retrying them would fail the same way."""
+    if isinstance(exc, ServerError):
+        return exc.status >= 500
+    return isinstance(exc, (ConnectionLost, ServerUnreachable, PromptLost, GenerationTimeout))
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry only when :func:`is_transient` says so."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+def attempt_prompt_id(base: str, flow_attempt: int, task_attempt: int) -> str:
+    """The ``prompt_id`` of one attempt: ``base`` itself for the first, a uuid5 of it after."""
+    if (flow_attempt, task_attempt) == (1, 1):
+        return base
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{base}/{flow_attempt}/{task_attempt}"))
+
+
+def earlier_prompt_ids(base: str, flow_attempt: int, task_attempt: int, attempts_per_run: int) -> list[str]:
+    """Every ``prompt_id`` an earlier attempt of this generation may have submitted, newest first.
+
+    Flow-run attempts before this one may each have used up to ``attempts_per_run`` task attempts.
+    """
+    ids = []
+    for r in range(1, flow_attempt + 1):
+        last = attempts_per_run if r < flow_attempt else task_attempt - 1
+        ids += [attempt_prompt_id(base, r, k) for k in range(1, last + 1)]
+    return ids[::-1]
+
+
+def _run_or_reattach(
+    connection: ComfyUIConnection, prompt: dict, spec: GenerationSpec, settings: GenerationSettings,
+    progress: "_ProgressLog",
+) -> tuple[PromptOutcome, list[OutputRef]]:
+    flow_attempt = max(1, runtime.flow_run.run_count or 1)
+    task_attempt = max(1, runtime.task_run.run_count or 1)
+    options = dict(on_event=progress, heartbeat_s=settings.heartbeat_s,
+                   output_types=tuple(settings.output_types))
+    for earlier in earlier_prompt_ids(spec.prompt_id, flow_attempt, task_attempt, settings.retries + 1):
+        status, _ = connection.prompt_status(earlier)
+        if status in ("pending", "running", "succeeded"):
+            progress.logger.info("%s: prompt %s of an earlier attempt is %s on the server; following it "
+                                 "instead of submitting again", progress.prefix, earlier, status)
+            return connection.run_prompt(prompt, prompt_id=earlier, attach=True, **options)
+    current = attempt_prompt_id(spec.prompt_id, flow_attempt, task_attempt)
+    return connection.run_prompt(prompt, prompt_id=current, **options)
+
+
 @task(
     name="generate",
     task_run_name="generate-{settings.kind}-d{spec.index}-v{spec.variant}",
     # The live connection is not an input of the result: leave it out of the cache key,
     # so Prefect never tries to hash a socket.
     cache_policy=DEFAULT - "connection",
+    # Results are persisted so that retrying a failed flow run redoes only the failed generations.
+    persist_result=True,
+    retry_condition_fn=retry_if_transient,
+    retry_jitter_factor=0.5,
 )
 def generate(
     connection: ComfyUIConnection,
@@ -115,13 +185,7 @@ def generate(
     began = time.monotonic()
     progress = _ProgressLog(logger, spec, settings)
     prompt = workflow.render(workflow_params(spec, settings))
-    outcome, refs = connection.run_prompt(
-        prompt,
-        prompt_id=spec.prompt_id,
-        on_event=progress,
-        heartbeat_s=settings.heartbeat_s,
-        output_types=tuple(settings.output_types),
-    )
+    outcome, refs = _run_or_reattach(connection, prompt, spec, settings, progress)
 
     download_began = time.monotonic()
     files: list[OutputFile] = []

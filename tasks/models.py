@@ -41,6 +41,7 @@ class GenerationSettings(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     output_types: list[str] = Field(default_factory=lambda: ["output"])
     heartbeat_s: float = 30.0
+    retries: int = Field(default=0, ge=0, description="Task retries for transient failures.")
 
 
 class OutputFile(BaseModel):

@@ -76,7 +76,8 @@ def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome]) -> lis
                 files=", ".join(f.path for f in outcome.files),
             )
         elif outcome is not None:
-            row.update(status="failed", error=describe_error(outcome))
+            row.update(status="failed", error=describe_error(outcome),
+                       prompt_id=getattr(outcome, "prompt_id", None) or spec.prompt_id)
         rows.append(row)
     return rows
 

@@ -131,17 +131,37 @@ def test_server_down_fails_fast_naming_the_url():
     assert url in str(info.value)
 
 
-def test_dropped_socket_wakes_waiters_with_connection_lost():
+def test_server_gone_mid_run_fails_the_prompt_with_connection_lost_at_its_deadline():
     standin = StandInComfyUI().start()
+    conn = ComfyUIServer(url=standin.url, reconnect_timeout_s=30).connect()
     try:
-        conn = ComfyUIServer(url=standin.url).connect()
         pid = conn.submit(image_prompt("d/[[hang]]"))
         threading.Timer(0.3, standin.stop).start()
-        with pytest.raises(ConnectionLost, match=pid):
-            conn.wait(pid, timeout_s=10)
-        conn.close()
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost, match=pid) as info:
+            conn.wait(pid, timeout_s=2)
+        assert "could not be reconnected" in str(info.value)
+        assert time.monotonic() - started < 6
+        assert conn.stats.disconnects == 1 and conn.stats.reconnects == 0
     finally:
+        conn.close()
         standin.stop()
+
+
+def test_closing_wakes_waiters_with_connection_lost(comfy):
+    conn = ComfyUIServer(url=comfy.url).connect()
+    try:
+        pid = conn.submit(image_prompt("w/[[hang]]"))
+        threading.Timer(0.3, conn.close).start()
+        with pytest.raises(ConnectionLost, match="closed"):
+            conn.wait(pid, timeout_s=10)
+    finally:
+        conn.close()
+    # close() removed our running prompt from the server
+    deadline = time.monotonic() + 3
+    while comfy.queue_snapshot()["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
 
 
 def test_api_key_is_sent_on_http_and_websocket_and_never_logged(caplog):

@@ -100,8 +100,12 @@ def test_eight_generations_share_one_websocket_and_land_on_disk(comfy, tmp_path)
 def test_failures_are_recorded_per_generation_while_the_others_complete(comfy, tmp_path):
     comfy.execution_time_s = 0.05
     descriptions = ["fine one", "broken [[fail]]", "fine two", "stuck [[hang]]", "fine three"]
-    state = run(comfy.url, tmp_path, descriptions, server_settings={"generation_timeout_s": 2.0})
+    state = run(comfy.url, tmp_path, descriptions, server_settings={"generation_timeout_s": 1.0},
+                retries=1, retry_delay_s=0)
     assert state.is_failed()
+    # the stall (transient) was retried once under a new prompt_id; the node error was not retried
+    assert comfy.requests[("POST", "/prompt")] == 6
+    assert set(comfy.posts_per_prompt_id.values()) == {1}
     assert state.message == "2 of 5 generations failed"
     table = table_of(state)
     by_index = {r["index"]: r for r in table}
