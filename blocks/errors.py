@@ -144,8 +144,8 @@ class GenerationTimeout(ComfyUIError):
         else:
             text = (
                 f"ComfyUI prompt {prompt_id} did not finish within {timeout_s:g} s of starting{seen}; "
-                "it was interrupted. Raise generation_timeout_s on the ComfyUIServer block if the "
-                "workflow is that slow."
+                "it was interrupted. If the workflow is that slow, raise generation_timeout_s on the "
+                "ComfyUIServer block (--timeout on the command line)."
             )
         super().__init__(text)
 
@@ -172,9 +172,9 @@ class ServerError(ComfyUIError):
         self.url = url
         self.status = status
         self.body = body
+        said = f": {body.strip()[:300]}" if body and body.strip() else " with an empty body"
         super().__init__(
-            f"ComfyUI {method} {url} answered HTTP {status}: {body[:300]}. "
-            "Look at the ComfyUI server log."
+            f"ComfyUI {method} {url} answered HTTP {status}{said}. Look at the ComfyUI server log."
         )
 
 

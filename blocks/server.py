@@ -33,9 +33,12 @@ class ComfyUIServer(Block):
     _description = "A ComfyUI server (HTTP + WebSocket) that runs generation workflows."
     _documentation_url = "https://docs.comfy.org/development/comfyui-server/comms_routes"
 
+    # Required (no default): a deployment's {"$ref": ...} parameter must not also validate as a
+    # server of all defaults, or Prefect's API refuses the flow run as ambiguous.
     url: str = Field(
-        default="http://127.0.0.1:8188",
-        description="Base URL of the ComfyUI server, http or https (the WebSocket URL is derived).",
+        ...,
+        description="Base URL of the ComfyUI server, e.g. http://127.0.0.1:8188 (the WebSocket URL is derived).",
+        examples=["http://127.0.0.1:8188"],
     )
     api_key: Optional[SecretStr] = Field(
         default=None,

@@ -83,8 +83,7 @@ _PIPELINE_SECTION_KEYS = frozenset({"bindings"})
 _BINDING_OBJECT_KEYS = frozenset({"path", "format"})
 _INPUTS_SEPARATOR = ".inputs."
 _EXPORT_HINT = (
-    "Open it in ComfyUI and use Workflow menu -> Export (API) (\"Export (API)\"), "
-    "then save that file instead."
+    "Open it in ComfyUI and use Workflow menu -> Export (API), then use that file instead."
 )
 
 
@@ -668,6 +667,47 @@ class ComfyUIWorkflow(Block):
                         f"{sorted(node['inputs'])}."
                     )
                 node["inputs"][input_name] = copy.deepcopy(value)
+
+
+def problems_on_server(workflow: "ComfyUIWorkflow", object_info: Mapping[str, Any]) -> list[str]:
+    """What in ``workflow`` the server cannot run, one sentence each (empty when all is well).
+
+    Args:
+        workflow: the template (its literal values are checked, not what bindings fill in).
+        object_info: the body of ``GET /object_info`` (``{class_type: {"input": {...}}}``).
+
+    Reports node classes the server lacks (custom nodes not installed) and choice inputs
+    (``ckpt_name``, ``sampler_name``, ...) whose value is not among the server's options, such
+    as a checkpoint file that is not in its models folder.
+    """
+    problems = []
+    missing = sorted(workflow.class_types() - set(object_info))
+    if missing:
+        problems.append(f"the server has no node class {', '.join(missing)}; install the custom "
+                        "nodes that provide them")
+    for node_id, node in workflow.prompt.items():
+        spec = (object_info.get(node.get("class_type")) or {}).get("input") or {}
+        declared = {**(spec.get("optional") or {}), **(spec.get("required") or {})}
+        for name, value in (node.get("inputs") or {}).items():
+            options = _combo_options(declared.get(name))
+            if options is None or _is_link(value) or value in options:
+                continue
+            shown = ", ".join(map(str, options[:8])) + (" ..." if len(options) > 8 else "")
+            problems.append(f"node {node_id} ({node.get('class_type')}) input '{name}': {value!r} is "
+                            f"not one of the server's choices ({shown or 'none'})")
+    return problems
+
+
+def _combo_options(spec: Any) -> Optional[list]:
+    """The allowed values of a choice input's ``/object_info`` spec, or ``None`` if not a choice."""
+    if not isinstance(spec, list) or not spec:
+        return None
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], Mapping):
+        options = spec[1].get("options")
+        return options if isinstance(options, list) else None
+    return None
 
 
 def load_workflow_file(path: Union[str, Path]) -> ComfyUIWorkflow:

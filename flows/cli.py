@@ -3,22 +3,32 @@
 This module only parses arguments and calls the flow (or the connection for ``check``).
 Without ``PREFECT_API_URL`` set, Prefect runs the flow against its temporary local API:
 no Prefect server is needed.
+
+Exit codes: 0 success; 1 the server or some generations failed; 2 bad arguments or a
+workflow that cannot be used (nothing was sent).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
+from pydantic import ValidationError
 
 from blocks.connection import ComfyUIConnection
-from blocks.errors import ComfyUIError
+from blocks.errors import ComfyUIError, WorkflowError
 from blocks.server import ComfyUIServer
-from blocks.workflow import ComfyUIWorkflow, SeedMode
+from blocks.workflow import ComfyUIWorkflow, SeedMode, problems_on_server
 
 app = typer.Typer(add_completion=False, help="Run ComfyUI generations as Prefect flows.")
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
 
 
 def read_descriptions(path: Path) -> list[str]:
@@ -27,13 +37,42 @@ def read_descriptions(path: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _server(url: str, api_key: Optional[str], timeout: Optional[float]) -> ComfyUIServer:
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; a VALUE that is valid JSON (``7``, ``true``, ``[1,2]``) keeps its type.
+
+    Raises:
+        typer.BadParameter: an item without ``=``.
+    """
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--param")
+        try:
+            params[key.strip()] = json.loads(value)
+        except ValueError:
+            params[key.strip()] = value
+    return params
+
+
+def _server(url: str, api_key: Optional[str], timeout: Optional[float] = None) -> ComfyUIServer:
     settings: dict = {"url": url}
     if api_key:
         settings["api_key"] = api_key
     if timeout:
         settings["generation_timeout_s"] = timeout
-    return ComfyUIServer(**settings)
+    try:
+        return ComfyUIServer(**settings)
+    except ValidationError as exc:
+        problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in exc.errors())
+        raise _fail(f"--server: {problems}", 2) from None
+
+
+def _workflow(path: Path) -> ComfyUIWorkflow:
+    try:
+        return ComfyUIWorkflow.from_file(path)
+    except WorkflowError as exc:
+        raise _fail(str(exc), 2) from None
 
 
 @app.command()
@@ -46,14 +85,22 @@ def run(
     description: Optional[List[str]] = typer.Option(None, "--description", help="A description (repeatable)."),
     descriptions: Optional[Path] = typer.Option(None, "--descriptions", exists=True, dir_okay=False,
                                                 help="A text file, one description per line."),
-    variants: int = typer.Option(1, "--variants", min=1, help="Generations per description."),
+    variants: int = typer.Option(1, "--variants", min=1, max=100, help="Generations per description."),
     output_dir: Path = typer.Option(Path("output"), "--output-dir", help="Where files are written."),
     seed_mode: SeedMode = typer.Option(SeedMode.random, "--seed-mode", help="random, fixed or increment."),
-    base_seed: Optional[int] = typer.Option(None, "--seed", help="Base seed for fixed/increment."),
+    base_seed: Optional[int] = typer.Option(None, "--seed", help="Base seed for fixed/increment (default 0)."),
+    param: Optional[List[str]] = typer.Option(None, "--param",
+                                              help="Extra workflow parameter KEY=VALUE (repeatable)."),
+    output_type: Optional[List[str]] = typer.Option(None, "--output-type",
+                                                    help="/view type to download (default output; repeatable)."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, help="Generations in flight at once."),
+    retries: int = typer.Option(2, "--retries", min=0, help="Retries per generation for transient failures."),
+    flow_retries: int = typer.Option(0, "--flow-retries", min=0,
+                                     help="Re-run the failed generations this many times."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="COMFYUI_API_KEY",
                                           help="Bearer token for the server (or COMFYUI_API_KEY)."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per generation (default 900)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout",
+                                            help="Seconds one generation may run (default 900)."),
 ) -> None:
     """Generate images or videos for descriptions and write the report artifacts."""
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -67,14 +114,15 @@ def run(
         texts += read_descriptions(descriptions)
     if not texts:
         raise typer.BadParameter("give --description TEXT (repeatable) or --descriptions FILE")
-    try:
-        template = ComfyUIWorkflow.from_file(workflow)
-    except ComfyUIError as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
-    flow = generate_content.with_options(task_runner=ThreadPoolTaskRunner(max_workers=concurrency))
+    block = _server(server, api_key, timeout)
+    template = _workflow(workflow)
+    flow = generate_content.with_options(
+        task_runner=ThreadPoolTaskRunner(max_workers=concurrency),
+        retries=flow_retries,
+        retry_delay_seconds=0,
+    )
     state = flow(
-        server=_server(server, api_key, timeout),
+        server=block,
         workflow=template,
         descriptions=texts,
         kind=kind,
@@ -83,6 +131,9 @@ def run(
         output_dir=str(output_dir),
         seed_mode=seed_mode,
         base_seed=base_seed,
+        params=parse_params(param or []),
+        output_types=list(output_type or ["output"]),
+        retries=retries,
         return_state=True,
     )
     if state.is_completed():
@@ -93,41 +144,34 @@ def run(
         for path in files:
             typer.echo(f"  {path}")
         return
-    typer.secho(f"flow run {state.name}: {state.message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
+    raise _fail(f"flow run {state.name}: {state.message}", 1)
 
 
 @app.command()
 def check(
     server: str = typer.Option(..., "--server", help="ComfyUI base URL."),
     workflow: Optional[Path] = typer.Option(None, "--workflow", exists=True, dir_okay=False,
-                                            help="Check that every class_type exists on the server."),
+                                            help="Also check the workflow's nodes and choices."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="COMFYUI_API_KEY"),
 ) -> None:
-    """Is the server reachable (``/system_stats``), and does it have every node of the workflow (``/object_info``)?"""
-    block = _server(server, api_key, None)
+    """Is the server reachable (GET /system_stats)? Does it have every node class of the
+    workflow, and every model or choice it names (GET /object_info)?"""
+    block = _server(server, api_key)
+    template = _workflow(workflow) if workflow else None
     connection = ComfyUIConnection(block.url, headers=block.request_headers(),
                                    connect_timeout_s=block.connect_timeout_s)
     try:
-        template = ComfyUIWorkflow.from_file(workflow) if workflow else None
         stats = connection.system_stats()
         version = (stats.get("system") or {}).get("comfyui_version", "unknown version")
         typer.secho(f"ComfyUI {version} reachable at {block.url}", fg=typer.colors.GREEN)
         if template is not None:
-            known = set(connection.object_info())
-            missing = sorted(template.class_types() - known)
-            if missing:
-                typer.secho(
-                    f"{workflow}: the server has no node class {', '.join(missing)}; "
-                    "install the custom nodes that provide them.",
-                    fg=typer.colors.RED, err=True,
-                )
-                raise typer.Exit(1)
-            typer.secho(f"{workflow}: all {len(template.class_types())} node classes exist on the server",
-                        fg=typer.colors.GREEN)
+            problems = problems_on_server(template, connection.object_info())
+            if problems:
+                raise _fail(f"{workflow}:\n  " + "\n  ".join(problems), 1)
+            typer.secho(f"{workflow}: all {len(template.class_types())} node classes and their "
+                        "choices exist on the server", fg=typer.colors.GREEN)
     except ComfyUIError as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1)
+        raise _fail(str(exc), 1) from None
     finally:
         connection.close()
 

@@ -26,7 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from pydantic import Field
 
-from blocks.connection import ComfyUIConnection
+from blocks.errors import ComfyUIError, WorkflowError
 from blocks.server import ComfyUIServer
 from blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed
 from tasks.generate import generate
@@ -89,6 +89,23 @@ def _run_all(task, connection, template, specs, settings, outcomes: dict, progre
             progress.advance()
 
 
+def _write_report(logger, specs, outcomes, facts: RunFacts, began: float) -> None:
+    facts.wall_s = time.monotonic() - began
+    try:
+        write_report(specs, outcomes, facts)
+    except Exception:  # the report must not hide the run's own outcome
+        logger.exception("could not write the report artifacts")
+
+
+def _check_binds_description(template: ComfyUIWorkflow) -> None:
+    if not (template.binds("prompt") or template.binds("description")):
+        raise WorkflowError(
+            f"workflow {template.source or ''} has no binding for 'prompt', so every description would "
+            "be ignored. Add one, e.g. \"comfy_pipeline\": {\"bindings\": {\"prompt\": "
+            "\"<node id or title>.inputs.text\"}} (see README, Workflows and bindings)."
+        )
+
+
 def _load_workflow(workflow: Union[ComfyUIWorkflow, str]) -> ComfyUIWorkflow:
     if isinstance(workflow, ComfyUIWorkflow):
         return workflow
@@ -145,7 +162,12 @@ def generate_content(
     """
     logger = get_run_logger()
     began = time.monotonic()
-    template = _load_workflow(workflow)
+    try:
+        template = _load_workflow(workflow)
+        _check_binds_description(template)
+    except WorkflowError as exc:  # nothing was sent; say why in one line, no traceback
+        logger.error("%s", exc)
+        return Failed(data=exc, message=str(exc))
     specs = plan_generations(descriptions, variants, SeedMode(seed_mode), base_seed,
                              uses_seed=template.binds("seed"), run_key=runtime.flow_run.id)
     settings = GenerationSettings(
@@ -166,16 +188,18 @@ def generate_content(
                      output_dir=settings.output_dir, wall_s=0.0)
     outcomes: dict[int, Outcome] = {}
     progress = ProgressReport(character, kind, len(specs))
-    connection: Optional[ComfyUIConnection] = None
     logger.info("%d %s generation(s) for %s: %d description(s) x %d variant(s) on %s",
                 len(specs), kind, character, len(descriptions), variants, server.url)
     try:
-        try:
-            connection = server.connect()
-        except Exception as exc:
-            facts.fatal_error = f"{type(exc).__name__}: {exc}"
-            raise
-        facts.client_id = connection.client_id
+        connection = server.connect()
+    except ComfyUIError as exc:
+        logger.error("%s", exc)
+        facts.fatal_error = f"{type(exc).__name__}: {exc}"
+        _write_report(logger, specs, outcomes, facts, began)
+        return Failed(data=exc, message=str(exc))
+
+    facts.client_id = connection.client_id
+    try:
         _run_all(task, connection, template, specs, settings, outcomes, progress)
         # A result that came back from an earlier attempt of this flow run whose files were
         # deleted since: run that generation again.
@@ -186,12 +210,11 @@ def generate_content(
             _run_all(task.with_options(refresh_cache=True), connection, template, stale, settings,
                      outcomes, None)
     finally:
-        if connection is not None:
-            connection.close()
-            facts.connections_opened = connection.stats.connections_opened
-            facts.reconnects = connection.stats.reconnects
-        facts.wall_s = time.monotonic() - began
-        write_report(specs, outcomes, facts)
+        # Also on failure or cancellation: prompts still in flight are removed from the server.
+        connection.close()
+        facts.connections_opened = connection.stats.connections_opened
+        facts.reconnects = connection.stats.reconnects
+        _write_report(logger, specs, outcomes, facts, began)
 
     results = [o for o in (outcomes.get(s.position) for s in specs) if isinstance(o, GenerationResult)]
     failed = len(specs) - len(results)

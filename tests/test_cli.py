@@ -1,20 +1,35 @@
-"""The ``comfy-pipeline`` command: ``run`` and ``check`` against the stand-in server."""
+"""The ``comfy-pipeline`` command: ``run`` and ``check`` against the stand-in server.
+
+``run`` goes through a real subprocess (as a user types it) talking to the session's Prefect
+test API; ``check`` and argument errors run in-process with typer's runner.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+from prefect.settings import PREFECT_API_URL
 from typer.testing import CliRunner
 
 from flows.cli import app, read_descriptions
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ROOT
 from tests.standin import free_port
 
 runner = CliRunner()
+
+
+def comfy_pipeline(*args: str) -> subprocess.CompletedProcess:
+    """Run ``comfy-pipeline ARGS`` in a new process against the test Prefect API."""
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+    completed = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+                               text=True, timeout=180, env=env, cwd=ROOT)
+    completed.output = completed.stdout + completed.stderr
+    return completed
 
 
 def test_entry_point_is_installed():
@@ -34,12 +49,12 @@ def test_descriptions_file_skips_blanks_and_comments(tmp_path):
 def test_run_generates_files_for_descriptions_from_flags_and_file(comfy, tmp_path):
     descriptions = tmp_path / "d.txt"
     descriptions.write_text("a gold fish\n", encoding="utf-8")
-    result = runner.invoke(app, [
+    result = comfy_pipeline(
         "run", "--server", comfy.url, "--workflow", str(EXAMPLES / "smoke_image.json"),
         "--kind", "image", "--character", "bob", "--description", "a red fox",
         "--descriptions", str(descriptions), "--variants", "2", "--output-dir", str(tmp_path / "out"),
-    ])
-    assert result.exit_code == 0, result.output
+    )
+    assert result.returncode == 0, result.output
     assert "4 generation(s) done, 4 file(s)" in result.output
     names = sorted(p.name for p in (tmp_path / "out").rglob("*.png"))
     assert names == ["bob_d0_0.png", "bob_d0_1.png", "bob_d1_0.png", "bob_d1_1.png"]
@@ -48,11 +63,11 @@ def test_run_generates_files_for_descriptions_from_flags_and_file(comfy, tmp_pat
 
 @pytest.mark.usefixtures("prefect_api")
 def test_run_exits_non_zero_and_says_why_when_generations_fail(comfy, tmp_path):
-    result = runner.invoke(app, [
+    result = comfy_pipeline(
         "run", "--server", comfy.url, "--workflow", str(EXAMPLES / "smoke_image.json"),
         "--description", "ok", "--description", "bad [[fail]]", "--output-dir", str(tmp_path / "out"),
-    ])
-    assert result.exit_code == 1
+    )
+    assert result.returncode == 1
     assert "1 of 2 generations failed" in result.output
 
 
@@ -62,13 +77,15 @@ def test_run_refuses_a_ui_format_workflow_before_contacting_anything(tmp_path):
     result = runner.invoke(app, ["run", "--server", "http://127.0.0.1:9", "--workflow", str(ui),
                                  "--description", "x"])
     assert result.exit_code == 2 and "Export (API)" in result.output
+    result = runner.invoke(app, ["check", "--server", "http://127.0.0.1:9", "--workflow", str(ui)])
+    assert result.exit_code == 2 and "Export (API)" in result.output
 
 
 def test_check_reports_a_reachable_server_and_known_nodes(comfy):
     result = runner.invoke(app, ["check", "--server", comfy.url,
                                  "--workflow", str(EXAMPLES / "sd15_txt2img.json")])
     assert result.exit_code == 0, result.output
-    assert "reachable" in result.output and "node classes exist" in result.output
+    assert "reachable" in result.output and "node classes and their choices exist" in result.output
 
 
 def test_check_names_missing_node_classes(comfy, tmp_path):
@@ -86,3 +103,38 @@ def test_check_names_an_unreachable_url():
     url = f"http://127.0.0.1:{free_port()}"
     result = runner.invoke(app, ["check", "--server", url])
     assert result.exit_code == 1 and url in result.output and "unreachable" in result.output
+
+
+def test_check_names_a_checkpoint_the_server_does_not_have(comfy, tmp_path):
+    wf = json.loads((EXAMPLES / "sd15_txt2img.json").read_text())
+    node = next(n for n in wf.values() if isinstance(n, dict) and n.get("class_type") == "CheckpointLoaderSimple")
+    node["inputs"]["ckpt_name"] = "not-downloaded.safetensors"
+    path = tmp_path / "sd15.json"
+    path.write_text(json.dumps(wf))
+    result = runner.invoke(app, ["check", "--server", comfy.url, "--workflow", str(path)])
+    assert result.exit_code == 1
+    assert "input 'ckpt_name': 'not-downloaded.safetensors' is not one of the server's choices" in result.output
+
+
+def test_a_url_without_scheme_is_one_clear_line_not_a_traceback():
+    result = runner.invoke(app, ["check", "--server", "127.0.0.1:8188"])
+    assert result.exit_code == 2
+    assert "http://host:8188" in result.output and "Traceback" not in result.output
+
+
+def test_params_keep_json_types():
+    from flows.cli import parse_params
+
+    assert parse_params(["negative_prompt=blurry, dark", "steps=30", "hires=true"]) == {
+        "negative_prompt": "blurry, dark", "steps": 30, "hires": True}
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_run_passes_params_into_the_workflow(comfy, tmp_path):
+    result = comfy_pipeline(
+        "run", "--server", comfy.url, "--workflow", str(EXAMPLES / "sd15_txt2img.json"),
+        "--description", "a castle", "--param", "negative_prompt=fog [[fail]]", "--retries", "0",
+        "--output-dir", str(tmp_path / "out"),
+    )
+    # the negative prompt reached the server: its marker made the stand-in fail the node
+    assert result.returncode == 1 and "1 of 1 generations failed" in result.output

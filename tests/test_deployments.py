@@ -45,3 +45,19 @@ def test_every_deployment_in_prefect_yaml_loads_and_validates(tmp_path):
         assert isinstance(validated["server"], ComfyUIServer)
         assert validated["server"].url == "http://gpu-1:8188"
         assert (ROOT / validated["workflow"]).is_file()
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_api_accepts_flow_runs_of_every_deployment_as_the_ui_form_sends_them():
+    """Prefect's API validates a run's parameters against the deployment's schema (a UI run, a
+    ``prefect deployment run``, a schedule): the ``$ref`` to the server block must pass."""
+    from prefect.deployments import run_deployment
+
+    ComfyUIServer(url="http://gpu-1:8188").save("gpu-1", overwrite=True)
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for deployment in config["deployments"]:
+        name = f"check-{deployment['name']}"
+        generate_content.to_deployment(name, parameters=deployment["parameters"]).apply()
+        extra = {} if "descriptions" in deployment["parameters"] else {"descriptions": ["from the form"]}
+        flow_run = run_deployment(f"generate-content/{name}", parameters=extra, timeout=0)
+        assert flow_run.parameters["server"] == {"$ref": {"block_document_slug": "comfyui-server/gpu-1"}}

@@ -125,7 +125,8 @@ def test_validation_failure_of_one_generation_is_reported_with_node_errors(comfy
             "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0},
                   "_meta": {"title": "Empty"}},
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "v/x"}},
-            "comfy_pipeline": {"bindings": {"width": "Empty.inputs.width"}},
+            "comfy_pipeline": {"bindings": {"width": "Empty.inputs.width",
+                                            "prompt": {"path": "2.inputs.filename_prefix", "format": "v/{prompt}"}}},
         }
     )
     # each description gets its own width through the params; one is invalid (0)
@@ -180,6 +181,8 @@ def test_every_output_kind_is_downloaded_with_its_subfolder(comfy, tmp_path):
             "4": {"class_type": "VHS_VideoCombine", "inputs": {"images": ["1", 0], "filename_prefix": "vhs/vid",
                                                              "frame_rate": 8, "format": "video/h264-mp4"}},
             "5": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+            "comfy_pipeline": {"bindings": {"prompt": {"path": "2.inputs.filename_prefix",
+                                                       "format": "stills/{prompt}"}}},
         }
     )
     state = run(comfy.url, tmp_path, ["all kinds"], workflow=workflow, kind="video")
@@ -247,3 +250,14 @@ def test_api_key_reaches_the_server_but_not_the_flow_run_record_or_logs(tmp_path
         assert all(h.get("Authorization") == "Bearer tok-very-secret" for h in standin.headers_seen)
     finally:
         standin.stop()
+
+
+def test_a_workflow_that_ignores_the_descriptions_is_refused_before_anything_is_sent(comfy, tmp_path):
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }))
+    state = run(comfy.url, tmp_path, ["a fox"], workflow=str(bare))
+    assert state.is_failed() and "no binding for 'prompt'" in state.message
+    assert comfy.ws_opened == 0 and comfy.requests[("POST", "/prompt")] == 0
