@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import websocket
@@ -49,9 +49,14 @@ from .protocol import (
     outputs_from_history,
     parse_text_frame,
     prompt_id_of,
+    queue_remaining_of,
 )
 
 logger = logging.getLogger("comfy_pipeline.connection")
+
+_STABLE_AFTER_S = 10.0  # a socket up this long counts as healthy: its backoff starts over
+_MAX_BACKOFF_S = 5.0
+_MIN_RECONCILE_INTERVAL_S = 1.0
 
 EventCallback = Callable[[PromptEvent, PromptTracker], None]
 PromptStatus = Literal["unknown", "pending", "running", "succeeded", "failed"]
@@ -125,6 +130,14 @@ class _Closed:
 
 class _Reconcile:
     """Put into every waiter's inbox after a reconnect: ask the server what happened."""
+
+
+def _notify(on_event: EventCallback, event: PromptEvent, tracker: PromptTracker) -> None:
+    """Call a progress callback; a failing callback must not fail the generation."""
+    try:
+        on_event(event, tracker)
+    except Exception:
+        logger.exception("progress callback failed on %s event for prompt %s", event.kind, tracker.prompt_id)
 
 
 def ws_url_for(http_url: str, client_id: str) -> str:
@@ -211,6 +224,8 @@ class ComfyUIConnection:
         self._closed = False
         self._dead_reason: Optional[str] = None
         self._dropped_reason: Optional[str] = None  # set while the WebSocket is down
+        self._connected_at = 0.0
+        self._backoff_s = 0.0
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -234,6 +249,7 @@ class ComfyUIConnection:
             return self
         self.http.system_stats()
         self._ws = self._handshake()
+        self._connected_at = time.monotonic()
         self.stats.connections_opened += 1
         self._reader = threading.Thread(
             target=self._read_loop, name=f"comfyui-reader-{self.client_id[:8]}", daemon=True
@@ -273,6 +289,7 @@ class ComfyUIConnection:
                 return
             self._closed = True
             in_flight = list(self._waiters)
+        # From here the reader cannot install a new socket (see _reconnect), so self._ws is final.
         if cancel_in_flight and in_flight:
             logger.warning("closing with %d prompt(s) in flight on %s: removing them from the server",
                            len(in_flight), self.url)
@@ -331,10 +348,8 @@ class ComfyUIConnection:
                 logger.warning("WebSocket to %s dropped (%s); reconnecting as client_id %s",
                                self.url, reason, self.client_id)
                 self._shutdown_socket(ws)
-                new_ws = self._reconnect(reason)
-                if new_ws is None:
+                if self._reconnect(reason) is None:
                     break
-                self._ws = new_ws
                 self._dropped_reason = None
                 self.stats.reconnects += 1
                 logger.warning("WebSocket to %s reconnected; checking %d prompt(s) in flight",
@@ -357,7 +372,11 @@ class ComfyUIConnection:
             while not self._closing.is_set():
                 opcode, payload = ws.recv_data()
                 if opcode == websocket.ABNF.OPCODE_TEXT:
-                    self._route_text(payload)
+                    try:
+                        self._route_text(payload)
+                    except Exception:  # one odd frame must never take the reader down
+                        self.stats.malformed_frames += 1
+                        logger.exception("skipped a text frame that could not be handled: %r", payload[:200])
                 elif opcode == websocket.ABNF.OPCODE_BINARY:
                     self.stats.binary_frames_skipped += 1
                     logger.debug("skipped binary frame, event type %s, %d bytes",
@@ -369,17 +388,37 @@ class ComfyUIConnection:
         return "the connection was closed"
 
     def _reconnect(self, reason: str) -> Optional[websocket.WebSocket]:
-        """Handshake again with the same client_id, with exponential backoff and jitter."""
+        """Handshake again with the same client_id, with exponential backoff and jitter.
+
+        The backoff carries over between drops: a socket that dropped within
+        ``_STABLE_AFTER_S`` of opening (a flapping proxy or server) makes the next reconnect
+        wait longer instead of hammering the server. Returns the new socket, now in use, or
+        ``None`` when closing or after ``reconnect_timeout_s``.
+        """
         deadline = time.monotonic() + self.reconnect_timeout_s
-        delay = 0.1
+        if time.monotonic() - self._connected_at >= _STABLE_AFTER_S:
+            self._backoff_s = 0.0  # it was up for a while: try again at once
         last = reason
-        while not self._closing.is_set() and time.monotonic() < deadline:
+        while not self._closing.is_set():
+            if self._backoff_s:
+                pause = self._backoff_s * (0.5 + random.random())
+                if self._closing.wait(min(pause, max(0.0, deadline - time.monotonic()))):
+                    return None
+            self._backoff_s = min(max(self._backoff_s * 2, 0.1), _MAX_BACKOFF_S)
+            if time.monotonic() >= deadline:
+                break
             try:
-                return self._handshake()
+                ws = self._handshake()
             except ComfyUIError as exc:
                 last = str(exc)
-            self._closing.wait(min(delay * (0.5 + random.random()), max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 5.0)
+                continue
+            with self._lock:
+                if self._closed:  # close() ran meanwhile: this socket must not outlive it
+                    self._shutdown_socket(ws)
+                    return None
+                self._ws = ws
+                self._connected_at = time.monotonic()
+            return ws
         if not self._closing.is_set():
             logger.error("gave up reconnecting to %s after %g s: %s", self.url, self.reconnect_timeout_s, last)
         return None
@@ -392,9 +431,9 @@ class ComfyUIConnection:
             logger.debug("skipped malformed text frame: %r", payload[:200])
             return
         if msg["type"] == "status":
-            info = (msg["data"].get("status") or {}).get("exec_info") or {}
-            if isinstance(info.get("queue_remaining"), int):
-                self.stats.last_queue_remaining = info["queue_remaining"]
+            remaining = queue_remaining_of(msg)
+            if remaining is not None:
+                self.stats.last_queue_remaining = remaining
             return
         prompt_id = prompt_id_of(msg)
         if prompt_id is None:
@@ -430,8 +469,11 @@ class ComfyUIConnection:
         """``GET /history/{prompt_id}``: the entry, or ``{}``."""
         return self.http.history(prompt_id)
 
-    def download(self, ref: OutputRef, dest: Path) -> int:
-        """``GET /view`` to ``dest`` (see :meth:`ComfyUIHTTP.download`). Returns bytes written."""
+    def download(self, ref: OutputRef, dest: Union[Path, Iterable[Path]]) -> tuple[Path, int]:
+        """``GET /view`` to ``dest`` or the first free candidate path (see :meth:`ComfyUIHTTP.download`).
+
+        Returns ``(path, bytes_written)``.
+        """
         return self.http.download(ref, dest)
 
     # ----------------------------------------------------------------- prompts
@@ -575,34 +617,42 @@ class ComfyUIConnection:
         tracker = waiter.tracker
         last_heard = time.monotonic()
         last_beat = last_heard
+        last_reconcile = float("-inf")
         try:
             while not tracker.done:
                 queued = waiter.started_at is None
                 deadline = (waiter.submitted_at + self.queue_timeout_s) if queued else (waiter.started_at + timeout_s)
                 now = time.monotonic()
+                if now >= deadline:
+                    # Messages already received count even when we come late to the deadline.
+                    self._drain(waiter, on_event)
+                    if tracker.done:
+                        break
+                    if queued and waiter.started_at is not None:
+                        continue  # it had started after all: the run deadline applies
+                    self._timed_out(waiter, queued, timeout_s)
                 poll_at = last_heard + (self.idle_timeout_s if waiter.missing_polls == 0
                                         else min(self.idle_timeout_s, 1.0))
                 wake = min(deadline, poll_at, last_beat + heartbeat_s)
                 try:
-                    # Messages already received count even when we come late to the deadline.
                     item = waiter.inbox.get(timeout=max(0.0, wake - now))
                 except queue.Empty:
                     now = time.monotonic()
-                    if now >= deadline:
-                        self._timed_out(waiter, queued, timeout_s)
                     if now >= poll_at:
                         self._reconcile(waiter)
-                        last_heard = time.monotonic()
+                        last_heard = last_reconcile = time.monotonic()
                     elif now >= last_beat + heartbeat_s:
                         last_beat = now
                         if on_event is not None:
-                            on_event(PromptEvent("waiting"), tracker)
+                            _notify(on_event, PromptEvent("waiting"), tracker)
                     continue
                 if isinstance(item, _Closed):
                     raise ConnectionLost(self.url, item.reason, prompt_id)
                 if isinstance(item, _Reconcile):
-                    self._reconcile(waiter)
-                    last_heard = time.monotonic()
+                    # after a reconnect; a flapping socket must not turn this into a request storm
+                    if time.monotonic() - last_reconcile >= _MIN_RECONCILE_INTERVAL_S:
+                        self._reconcile(waiter)
+                        last_heard = last_reconcile = time.monotonic()
                     continue
                 received_at, msg = item
                 last_heard = last_beat = time.monotonic()
@@ -622,6 +672,18 @@ class ComfyUIConnection:
         finally:
             self._forget(prompt_id)
 
+    def _drain(self, waiter: _Waiter, on_event: Optional[EventCallback]) -> None:
+        """Feed every message already in the waiter's inbox, without blocking."""
+        while not waiter.tracker.done:
+            try:
+                item = waiter.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Closed):
+                raise ConnectionLost(self.url, item.reason, waiter.tracker.prompt_id)
+            if not isinstance(item, _Reconcile):
+                self._feed(waiter, item[1], item[0], on_event)
+
     @staticmethod
     def _feed(waiter: _Waiter, msg: Mapping[str, Any], received_at: float,
               on_event: Optional[EventCallback]) -> None:
@@ -629,7 +691,7 @@ class ComfyUIConnection:
             if event.kind in ("started", "cached", "executing") and waiter.started_at is None:
                 waiter.started_at = received_at
             if on_event is not None:
-                on_event(event, waiter.tracker)
+                _notify(on_event, event, waiter.tracker)
 
     def _timed_out(self, waiter: _Waiter, queued: bool, timeout_s: float) -> None:
         tracker = waiter.tracker

@@ -47,8 +47,10 @@ def _format_node_errors(node_errors: Mapping[str, Any]) -> list[str]:
     for node_id, entry in (node_errors or {}).items():
         class_type = entry.get("class_type", "?") if isinstance(entry, Mapping) else "?"
         errors = entry.get("errors", []) if isinstance(entry, Mapping) else []
-        for err in errors or [{}]:
-            extra = err.get("extra_info") or {}
+        for err in (errors if isinstance(errors, list) else []) or [{}]:
+            if not isinstance(err, Mapping):
+                err = {"message": str(err)}
+            extra = err.get("extra_info") if isinstance(err.get("extra_info"), Mapping) else {}
             input_name = extra.get("input_name")
             where = f"node {node_id} ({class_type})"
             if input_name:
@@ -70,9 +72,10 @@ class PromptValidationError(ComfyUIError):
         node_errors: ``{node_id: {"class_type", "errors": [...], "dependent_outputs"}}``.
     """
 
-    def __init__(self, error: Mapping[str, Any] | None, node_errors: Mapping[str, Any] | None):
-        self.error = dict(error or {})
-        self.node_errors = dict(node_errors or {})
+    def __init__(self, error: Mapping[str, Any] | str | None, node_errors: Mapping[str, Any] | None):
+        # Older servers answer {"error": "no prompt", "node_errors": []}.
+        self.error = dict(error) if isinstance(error, Mapping) else {"message": str(error or "")}
+        self.node_errors = dict(node_errors) if isinstance(node_errors, Mapping) else {}
         head = self.error.get("message") or "prompt rejected"
         details = self.error.get("details")
         if details and not self.node_errors:

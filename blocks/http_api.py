@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import requests
 
@@ -133,11 +133,20 @@ class ComfyUIHTTP:
             try:
                 err = response.json()
             except ValueError:
-                err = {"error": {"message": response.text}}
+                err = None
+            if not isinstance(err, dict):
+                err = {"error": {"message": response.text[:300]}}
             raise PromptValidationError(err.get("error"), err.get("node_errors"))
         if response.status_code != 200:
             raise ServerError("POST", f"{self.url}/prompt", response.status_code, response.text)
-        return response.json()
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise ServerError("POST", f"{self.url}/prompt", response.status_code,
+                              f"not a ComfyUI answer (a proxy page?): {response.text[:200]}")
+        return answer
 
     def delete_pending(self, prompt_id: str) -> None:
         """``POST /queue {"delete": [prompt_id]}``: remove one pending prompt (no effect if running)."""
@@ -147,24 +156,30 @@ class ComfyUIHTTP:
         """``POST /interrupt {"prompt_id": id}``: stop that prompt only if it is the running one."""
         self.request("POST", "/interrupt", json={"prompt_id": prompt_id}).close()
 
-    def download(self, ref: OutputRef, dest: Path, *, attempts: int = 3, chunk_bytes: int = 1 << 16) -> int:
-        """``GET /view`` one output file, streamed to a temporary file and renamed to ``dest``.
+    def download(self, ref: OutputRef, dest: Union[Path, Iterable[Path]], *, attempts: int = 3,
+                 chunk_bytes: int = 1 << 16) -> tuple[Path, int]:
+        """``GET /view`` one output file, streamed to a temporary file, then renamed into place.
 
-        A body shorter than its ``Content-Length`` or a dropped transfer is retried up to
-        ``attempts`` times; ``dest`` appears only complete, and is never overwritten.
+        ``dest`` is the final path, or candidate paths in order of preference (all in one
+        directory): the file takes the first one that does not exist at the moment it is
+        complete, so nothing is ever overwritten, even by another run writing to the same
+        directory. A body shorter than its ``Content-Length`` or a dropped transfer is retried
+        up to ``attempts`` times; a final path only ever holds a complete file.
 
         Returns:
-            bytes written.
+            ``(path, bytes_written)``.
 
         Raises:
-            OutputError: HTTP error status, ``dest`` exists, or every attempt failed.
+            OutputError: HTTP error status, every candidate taken, or every attempt failed.
         """
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        candidates: Iterator[Path] = iter([Path(dest)] if isinstance(dest, (str, Path)) else dest)
+        first = next(candidates)
+        first.parent.mkdir(parents=True, exist_ok=True)
+        remaining = _Replayable(first, candidates)
         last_problem = ""
         for attempt in range(1, attempts + 1):
             try:
-                return self._download_once(ref, dest, chunk_bytes)
+                return self._download_once(ref, first.parent, remaining, chunk_bytes)
             except (ServerUnreachable, _Truncated) as exc:
                 last_problem = str(exc)
                 logger.warning("download of %s failed (attempt %d of %d): %s", ref.filename, attempt,
@@ -175,17 +190,20 @@ class ComfyUIHTTP:
             f"{last_problem}. The file is still on the server; run again to fetch it."
         )
 
-    def _download_once(self, ref: OutputRef, dest: Path, chunk_bytes: int) -> int:
+    def _download_once(self, ref: OutputRef, directory: Path, candidates: "_Replayable",
+                       chunk_bytes: int) -> tuple[Path, int]:
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        tmp = directory / f".{uuid.uuid4().hex}.part"
         response = self.request("GET", "/view", params=params, stream=True)
         try:
             if response.status_code != 200:
+                why = ("the server refused the file name" if response.status_code == 400
+                       else "the file is not on the server")
                 raise OutputError(
                     f"GET /view of {ref.subfolder}/{ref.filename} ({ref.type}) from {self.url} "
-                    f"answered HTTP {response.status_code}; the file is not on the server."
+                    f"answered HTTP {response.status_code}: {why}."
                 )
-            expected = response.headers.get("Content-Length")
+            expected = _content_length(response.headers.get("Content-Length"))
             written = 0
             try:
                 with open(tmp, "wb") as fh:
@@ -194,29 +212,54 @@ class ComfyUIHTTP:
                         written += len(chunk)
             except requests.RequestException as exc:
                 raise _Truncated(f"transfer broke after {written} bytes: {short_reason(exc)}") from exc
-            if expected is not None and written != int(expected):
-                raise _Truncated(f"got {written} of {expected} bytes")
-            _publish(tmp, dest)
-            return written
+            # Content-Length counts bytes on the wire (compressed, if the body was encoded).
+            on_wire = response.raw.tell() if response.headers.get("Content-Encoding") else written
+            if expected is not None and on_wire != expected:
+                raise _Truncated(f"got {on_wire} of {expected} bytes")
+            return _publish(tmp, candidates), written
         finally:
             response.close()
             tmp.unlink(missing_ok=True)
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    """Move a complete ``tmp`` to ``dest``, refusing to replace an existing ``dest``."""
+def _content_length(value: Optional[str]) -> Optional[int]:
     try:
-        os.link(tmp, dest)  # atomic, and fails if dest exists
-        return
-    except FileExistsError as exc:
-        raise OutputError(f"{dest} already exists; not overwriting it.") from exc
-    except OSError as exc:  # a file system without hard links: claim the name, then replace it
-        logger.debug("hard link not possible (%s); using exclusive create + replace", exc)
-    try:
-        os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError as exc:
-        raise OutputError(f"{dest} already exists; not overwriting it.") from exc
-    os.replace(tmp, dest)
+        return int(value) if value is not None else None
+    except ValueError:  # "abc", "10, 10": not a length we can check against
+        return None
+
+
+class _Replayable:
+    """Candidate paths that can be walked again on a retry (already-taken ones are skipped)."""
+
+    def __init__(self, first: Path, rest: Iterator[Path]):
+        self._seen = [first]
+        self._rest = rest
+
+    def __iter__(self) -> Iterator[Path]:
+        yield from self._seen
+        for path in self._rest:
+            self._seen.append(path)
+            yield path
+
+
+def _publish(tmp: Path, candidates: Iterable[Path]) -> Path:
+    """Give the complete ``tmp`` the first candidate name that is free; never replace a file."""
+    for dest in candidates:
+        try:
+            os.link(tmp, dest)  # atomic, and fails if dest exists
+            return dest
+        except FileExistsError:
+            continue
+        except OSError as exc:  # a file system without hard links: claim the name, then replace
+            logger.debug("hard link not possible (%s); using exclusive create + replace", exc)
+        try:
+            os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        os.replace(tmp, dest)
+        return dest
+    raise OutputError("every candidate file name is taken; not overwriting any file.")
 
 
 class _Truncated(Exception):

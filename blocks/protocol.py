@@ -33,7 +33,7 @@ def parse_text_frame(text: str | bytes) -> Optional[dict]:
     """
     try:
         msg = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         return None
@@ -128,7 +128,8 @@ class PromptTracker:
             return [PromptEvent("started")]
         if kind == "execution_cached":
             self.started = True
-            self.cached_nodes = [str(n) for n in data.get("nodes") or []]
+            nodes = data.get("nodes")
+            self.cached_nodes = [str(n) for n in nodes] if isinstance(nodes, list) else []
             return [PromptEvent("cached", nodes=list(self.cached_nodes))] if self.cached_nodes else []
         if kind == "executing":
             node = data.get("node")
@@ -141,10 +142,11 @@ class PromptTracker:
         if kind == "progress":
             node = data.get("node")
             return [PromptEvent("progress", node=str(node) if node is not None else None,
-                                value=data.get("value"), max=data.get("max"))]
+                                value=_number(data.get("value")), max=_number(data.get("max")))]
         if kind == "executed":
             node = str(data.get("node"))
-            self.outputs[node] = data.get("output") or {}
+            output = data.get("output")
+            self.outputs[node] = output if isinstance(output, dict) else {}
             return [PromptEvent("executed", node=node)]
         if kind == "execution_success":
             return self._finish()
@@ -174,6 +176,18 @@ class PromptTracker:
 
 def _str_or_none(value: Any) -> Optional[str]:
     return None if value is None else str(value)
+
+
+def _number(value: Any) -> Optional[float]:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def queue_remaining_of(msg: Mapping[str, Any]) -> Optional[int]:
+    """``data.status.exec_info.queue_remaining`` of a ``status`` message, or ``None`` if malformed."""
+    status = (msg.get("data") or {}).get("status")
+    info = status.get("exec_info") if isinstance(status, Mapping) else None
+    value = info.get("queue_remaining") if isinstance(info, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from prefect.blocks.core import Block
+from prefect.types import SecretDict
 from pydantic import Field, SecretStr, field_validator
 
 from .connection import ComfyUIConnection, ws_url_for
@@ -44,9 +45,9 @@ class ComfyUIServer(Block):
         default=None,
         description="API key sent as 'Authorization: Bearer <key>' on HTTP and WebSocket.",
     )
-    headers: dict[str, str] = Field(
-        default_factory=dict,
-        description="Extra HTTP headers sent on every request and on the WebSocket upgrade.",
+    headers: SecretDict = Field(
+        default_factory=lambda: SecretDict({}),
+        description="Extra HTTP headers sent on every request and on the WebSocket upgrade (kept secret).",
     )
     verify_tls: bool = Field(
         default=True, description="Verify the server's TLS certificate for https/wss."
@@ -89,7 +90,7 @@ class ComfyUIServer(Block):
 
     def request_headers(self) -> dict[str, str]:
         """The headers sent on HTTP and WebSocket: ``headers`` plus ``Authorization`` if set."""
-        headers = dict(self.headers)
+        headers = {str(k): str(v) for k, v in self.headers.get_secret_value().items()}
         if self.api_key is not None and self.api_key.get_secret_value():
             headers["Authorization"] = f"Bearer {self.api_key.get_secret_value()}"
         return headers

@@ -59,13 +59,18 @@ def _server(url: str, api_key: Optional[str], timeout: Optional[float] = None) -
     settings: dict = {"url": url}
     if api_key:
         settings["api_key"] = api_key
-    if timeout:
+    if timeout is not None:
         settings["generation_timeout_s"] = timeout
     try:
         return ComfyUIServer(**settings)
     except ValidationError as exc:
-        problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in exc.errors())
-        raise _fail(f"--server: {problems}", 2) from None
+        options = {"url": "--server", "generation_timeout_s": "--timeout", "api_key": "--api-key"}
+        problems = "; ".join(
+            f"{options.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else '--server'}: "
+            f"{err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+        raise _fail(problems, 2) from None
 
 
 def _workflow(path: Path) -> ComfyUIWorkflow:

@@ -98,7 +98,7 @@ def _write_report(logger, specs, outcomes, facts: RunFacts, began: float) -> Non
 
 
 def _check_binds_description(template: ComfyUIWorkflow) -> None:
-    if not (template.binds("prompt") or template.binds("description")):
+    if not any(template.binds(name) for name in ("prompt", "description", "slug")):
         raise WorkflowError(
             f"workflow {template.source or ''} has no binding for 'prompt', so every description would "
             "be ignored. Add one, e.g. \"comfy_pipeline\": {\"bindings\": {\"prompt\": "

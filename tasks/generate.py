@@ -24,6 +24,7 @@ from blocks.connection import ComfyUIConnection, PromptOutcome
 from blocks.errors import (
     ConnectionLost,
     GenerationTimeout,
+    OutputError,
     PromptLost,
     ServerError,
     ServerUnreachable,
@@ -32,21 +33,25 @@ from blocks.protocol import OutputRef, PromptEvent, PromptTracker
 from blocks.workflow import ComfyUIWorkflow
 
 from .models import GenerationResult, GenerationSettings, GenerationSpec, OutputFile
-from .outputs import free_path, output_subdir, planned_name
+from .outputs import candidate_paths, output_subdir, planned_name, safe_stem
 
 
 def workflow_params(spec: GenerationSpec, settings: GenerationSettings) -> dict:
     """The parameters offered to the workflow's bindings for one generation.
 
-    ``prompt`` and ``description`` are the description text; ``seed``, ``character``,
-    ``index``, ``variant`` (0-based) and ``kind`` come from the plan; the flow's extra
-    ``params`` (e.g. ``negative_prompt``) fill the rest.
+    ``prompt`` and ``description`` are the description text and ``slug`` a file-name-safe
+    version of it (at most 40 characters, no ``/``, no ``..``: use it in ``filename_prefix``);
+    ``seed``, ``character`` (and ``character_slug``), ``index``, ``variant`` (0-based) and
+    ``kind`` come from the plan; the flow's extra ``params`` (e.g. ``negative_prompt``) fill
+    the rest.
     """
     params = dict(settings.params)
     params.update(
         prompt=spec.description,
         description=spec.description,
+        slug=safe_stem(spec.description, max_len=40),
         character=settings.character,
+        character_slug=safe_stem(settings.character, max_len=40),
         index=spec.index,
         variant=spec.variant,
         kind=settings.kind,
@@ -77,8 +82,8 @@ class _ProgressLog:
             self.logger.info("%s: %d node(s) served from ComfyUI's cache", self.prefix, len(event.nodes))
         elif event.kind == "executing":
             self.logger.info("%s: executing %s", self.prefix, label)
-        elif event.kind == "progress" and event.max:
-            pct = int(100 * (event.value or 0) / event.max)
+        elif event.kind == "progress" and event.max and event.value is not None:
+            pct = int(100 * event.value / event.max)
             last = self.last_pct.get(node, -100)
             if pct >= last + 10 or pct == 100:
                 self.last_pct[node] = pct
@@ -187,6 +192,13 @@ def generate(
     prompt = workflow.render(workflow_params(spec, settings))
     outcome, refs = _run_or_reattach(connection, prompt, spec, settings, progress)
 
+    if not refs:
+        raise OutputError(
+            f"prompt {outcome.prompt_id} finished but produced no file of type "
+            f"{'/'.join(settings.output_types)}: the workflow needs an output node that saves "
+            "(SaveImage, SaveAnimatedWEBP, SaveVideo, ...), or add the type to output_types "
+            "(PreviewImage writes 'temp' files)."
+        )
     download_began = time.monotonic()
     files: list[OutputFile] = []
     output_dir = Path(settings.output_dir)
@@ -194,19 +206,14 @@ def generate(
         directory = output_subdir(output_dir, ref.subfolder)
         name = planned_name(settings.character, spec.index, spec.variant, ref,
                             number if len(refs) > 1 else None)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = free_path(directory, name)
+        path, size = connection.download(ref, candidate_paths(directory, name))
         if path.name != name:
             logger.warning("%s: %s already exists; writing %s instead", progress.prefix, directory / name, path.name)
-        size = connection.download(ref, path)
         files.append(OutputFile(path=str(path), bytes=size, node_id=ref.node_id, key=ref.key,
                                 server_filename=ref.filename, subfolder=ref.subfolder,
                                 animated=ref.animated))
     download_s = time.monotonic() - download_began
     total_s = time.monotonic() - began
-    if not refs:
-        logger.warning("%s: the prompt finished but listed no output files of type %s",
-                       progress.prefix, "/".join(settings.output_types))
     logger.info(
         "%s: done in %.1f s, %d file(s), %d bytes (queued %.1f s, executing %.1f s, download %.1f s)%s",
         progress.prefix, total_s, len(files), sum(f.bytes for f in files),

@@ -7,8 +7,10 @@ overwritten: the next free name ``..._{variant}-2{ext}`` is used and logged.
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 from blocks.errors import OutputError
 from blocks.protocol import OutputRef
@@ -17,48 +19,54 @@ _UNSAFE = re.compile(r"[^\w.\- ]+", re.UNICODE)
 
 
 def safe_stem(text: str, *, max_len: int = 80) -> str:
-    """``text`` made safe as one file-name part: no path separators or control characters."""
-    cleaned = _UNSAFE.sub("-", text).strip(" .-")
+    """``text`` made safe as one file-name part: no path separators, control characters or ``..``."""
+    cleaned = re.sub(r"\.{2,}", ".", _UNSAFE.sub("-", text)).strip(" .-")
     return (cleaned or "untitled")[:max_len]
+
+
+def _refuse_odd(value: str, what: str) -> None:
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise OutputError(f"refusing server {what} {value!r}: it contains control characters")
 
 
 def output_subdir(output_dir: Path, subfolder: str) -> Path:
     """``output_dir / subfolder``, refusing a server subfolder that would escape ``output_dir``.
 
     Raises:
-        OutputError: ``subfolder`` is absolute or climbs out with ``..``.
+        OutputError: ``subfolder`` is absolute, climbs out with ``..``, or holds control characters.
     """
+    _refuse_odd(subfolder, "subfolder")
     sub = PurePosixPath(subfolder.replace("\\", "/")) if subfolder else PurePosixPath()
-    if sub.is_absolute() or ".." in sub.parts:
+    if sub.is_absolute() or ".." in sub.parts or (sub.parts and ":" in sub.parts[0]):
         raise OutputError(
             f"refusing server subfolder {subfolder!r}: it would write outside {output_dir}"
         )
     return Path(output_dir, *sub.parts)
 
 
+_EXTENSION = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
+
+
 def planned_name(character: str, index: int, variant: int, ref: OutputRef, number: int | None) -> str:
     """``{character}_d{index}_{variant}[_{number}]{ext}``, the extension taken from the server's file.
+
+    An extension that is not short and alphanumeric (``.png``, ``.webm``, ``.flac``) is dropped.
 
     Raises:
         OutputError: the server's filename is a path, not a plain name.
     """
+    _refuse_odd(ref.filename, "filename")
     server_name = PurePosixPath(ref.filename.replace("\\", "/"))
     if server_name.is_absolute() or len(server_name.parts) != 1 or server_name.name in ("", ".", ".."):
         raise OutputError(f"refusing server filename {ref.filename!r}: it is not a plain file name")
-    ext = "".join(server_name.suffixes[-1:])
+    ext = server_name.suffix if _EXTENSION.match(server_name.suffix) else ""
     counter = f"_{number}" if number is not None else ""
-    return f"{safe_stem(character)}_d{index}_{variant}{counter}{ext}"
+    return f"{safe_stem(character)}_d{index}_{variant}{counter}{ext.lower()}"
 
 
-def free_path(directory: Path, name: str) -> Path:
-    """``directory/name``, or ``stem-2.ext``, ``stem-3.ext``... if that already exists."""
-    path = directory / name
-    if not path.exists():
-        return path
-    stem, dot, ext = name.partition(".")
-    n = 2
-    while True:
-        candidate = directory / f"{stem}-{n}{dot}{ext}"
-        if not candidate.exists():
-            return candidate
-        n += 1
+def candidate_paths(directory: Path, name: str) -> Iterator[Path]:
+    """``directory/name``, then ``stem-2.ext``, ``stem-3.ext``, ... (the first free one is used)."""
+    first = Path(name)
+    yield directory / name
+    for n in itertools.count(2):
+        yield directory / f"{first.stem}-{n}{first.suffix}"

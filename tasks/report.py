@@ -69,6 +69,7 @@ def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome]) -> lis
         if isinstance(outcome, GenerationResult):
             row.update(
                 status=outcome.status,
+                prompt_id=outcome.prompt_id,
                 queued_s=outcome.queued_s,
                 execution_s=outcome.execution_s,
                 download_s=outcome.download_s,
@@ -102,7 +103,7 @@ class RunFacts:
     notes: list[str] = field(default_factory=list)
 
 
-def summary_markdown(rows: list[dict], facts: RunFacts) -> str:
+def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0) -> str:
     """The markdown summary: totals, failures with reasons, wall time, throughput, connection."""
     total = len(rows)
     by_status: dict[str, int] = {}
@@ -125,7 +126,7 @@ def summary_markdown(rows: list[dict], facts: RunFacts) -> str:
         f"| failed | {failed} |",
         f"| wall time | {facts.wall_s:.1f} s |",
         f"| generations per minute | {per_minute:.1f} |",
-        f"| files written | {sum(1 for r in rows for f in r['files'].split(', ') if f)} |",
+        f"| files written | {files_written} |",
         f"| output directory | `{facts.output_dir}` |",
         f"| ComfyUI server | {facts.server_url} |",
         f"| connections opened | {facts.connections_opened} |",
@@ -160,7 +161,8 @@ def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], fact
         description=f"Every {facts.kind} generation for {facts.character}: status, durations (s), files, errors.",
     )
     create_markdown_artifact(
-        markdown=summary_markdown(rows, facts),
+        markdown=summary_markdown(rows, facts, sum(
+            len(o.files) for o in outcomes.values() if isinstance(o, GenerationResult))),
         key=artifact_key(facts.character, facts.kind, "summary"),
         description=f"Summary of the {facts.kind} generations for {facts.character}.",
     )

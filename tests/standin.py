@@ -44,12 +44,58 @@ takes effect at the next node boundary (``executing`` for the next node is sent 
 progress step of a stepped node, or at once for a ``[[hang]]`` prompt.  An interrupt that arrives
 while the last node of a prompt without progress steps runs is lost, as on the real server.
 ``POST /queue {"delete": [...]}`` removes pending prompts only.
+
+More markers: ``[[silent=S]]`` (from the moment the worker takes the prompt it sends nothing to
+anyone for S seconds, not even the queue ``status`` broadcast, no ``execution_start``, no
+``executing`` nor ``progress``; it is interruptible meanwhile; then it runs as a prompt with zero
+execution time and no progress steps, sending its whole normal sequence from the ``status`` broadcast
+to ``executing {node: null}``) and ``[[flaky]]`` (the first execution of a prompt with a STRING value
+containing the marker that this server has not seen before raises ``execution_error`` at its first
+executing node, RuntimeError "stand-in flaky failure"; every later execution of a prompt with the same
+text succeeds; the seen texts survive :meth:`StandInComfyUI.restart` and :meth:`clear_faults`).
+
+Faults (methods, thread-safe, callable at any time; :meth:`StandInComfyUI.clear_faults` ends them all)
+-----------------------------------------------------------------------------------------------------
+* ``close_ws_after(n_messages, times=1)``: from now on every socket counts the frames (text and binary,
+  garbage frames included) the server writes to it; once a socket has been sent ``n_messages`` frames
+  its transport is aborted (no close frame, like a dying proxy).  ``times`` sockets are closed this way
+  in total, then the fault switches itself off; ``times=0`` closes every socket every time (sockets
+  opened later count from their first frame, the ``status`` hello).  ``n_messages=0`` aborts a socket
+  when its next frame is due, without sending it.  The server keeps executing; frames for the gone
+  socket are lost, and the clientId entry is removed at once, so a reconnect with the same clientId is
+  served normally (``status`` with ``sid``, then ``executing {node}`` if one of its prompts is running).
+* ``restart(down_s, wait=False)``: a ComfyUI restart.  Returns once the server is down: the listening
+  socket is closed (connections are refused), every HTTP and WebSocket connection is aborted, the
+  running prompt stops without another message, and the queue, history, cache and the ``number``
+  counter are dropped (files, file counters and records stay).  ``down_s`` seconds later it listens
+  again on the same port.  ``wait=True`` blocks until then; ``wait_until_up(timeout)`` does the same.
+* ``fail_prompt_posts(k, status=500)``: the next ``k`` ``POST /prompt`` answer ``status`` with a text
+  body and queue nothing (a ``prompt_id`` in the body is still counted in ``posts_per_prompt_id``).
+* ``drop_prompt_posts(k)``: the next ``k`` ``POST /prompt`` are handled normally (a valid prompt is
+  queued and runs) but the connection is aborted before the response is written (an ambiguous submit).
+* ``truncate_views(k)``: the next ``k`` ``GET /view`` that find their file send the full
+  ``Content-Length`` and headers but only the first half of the body, then abort the connection.
+* ``delay_views(seconds)``: every ``GET /view`` waits this long before answering (0 = off).
+* ``send_garbage(every_n=3)``: from now on, after every ``every_n``-th normal frame to a socket, also send
+  ``{not json``, a JSON list, ``{"type": "mystery_event", ...}`` without prompt_id and a binary frame
+  of event type 99 (0 = off).  ``send_huge_binary(size_bytes)``: one binary frame of ``size_bytes``
+  (type 1 / PNG header + random bytes) to every open socket now.
+* Knobs ``request_latency_s`` (every HTTP request, WS upgrade included, waits this long before it is
+  handled) and ``output_size_bytes`` (every output/temp file a prompt writes is padded to at least this
+  many bytes, keeping its magic: a private ``stDn`` PNG chunk, a RIFF ``PADD`` chunk for webp, an mp4
+  ``free`` box, trailing zero bytes for the rest).  Both default to 0 and are reset by ``clear_faults()``.
+
+Records: ``executions_per_prompt_id`` (Counter: prompt id -> times the worker started it),
+``interrupts`` (the ``prompt_id`` or None of every ``POST /interrupt`` received) and ``deletes`` (every id
+received in ``POST /queue {"delete": [...]}``, whether or not it was pending), reset by
+``reset_counters()``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import copy
 import hashlib
 import json
@@ -64,6 +110,7 @@ import time
 import uuid
 import zlib
 from functools import lru_cache
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +127,17 @@ FEATURES = {"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZ
 FAIL_MARKER = "[[fail]]"
 HANG_MARKER = "[[hang]]"
 SLEEP_RE = re.compile(r"\[\[sleep=([0-9]+(?:\.[0-9]*)?)\]\]")
+SILENT_RE = re.compile(r"\[\[silent=([0-9]+(?:\.[0-9]*)?)\]\]")
+FLAKY_MARKER = "[[flaky]]"
 FAIL_MESSAGE = "stand-in failure requested"
+FLAKY_MESSAGE = "stand-in flaky failure"
+# What send_garbage() adds after every n-th normal frame.
+GARBAGE_FRAMES: tuple = (
+    "{not json",
+    '["stand-in", "json", "list"]',
+    '{"type": "mystery_event", "data": {"detail": "stand-in garbage", "value": 42}}',
+    struct.pack(">I", 99) + b"stand-in garbage",
+)
 ERROR_500_TEXT = "500 Internal Server Error\n\nServer got itself in trouble"
 
 # Nodes whose progress bar is a sampler's; when a prompt has none of these, every node is "stepped".
@@ -536,6 +593,25 @@ def _blob(ext: str, tag: str) -> bytes:
     return b"STANDIN\n" + payload
 
 
+def _pad_output(data: bytes, size: int) -> bytes:
+    """``data`` grown to at least ``size`` bytes, keeping the file's magic (``output_size_bytes``)."""
+    if size <= 0 or len(data) >= size:
+        return data
+    need = size - len(data)
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(_png_chunk(b"IEND", b"")):
+        pad = _png_chunk(b"stDn", b"\x00" * max(0, need - 12))  # private, ancillary, safe to copy
+        return data[:-12] + pad + data[-12:]
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        extra = max(0, need - 8)
+        extra += extra % 2
+        body = data[12:] + b"PADD" + struct.pack("<I", extra) + b"\x00" * extra
+        return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+    if data[4:8] == b"ftyp":
+        extra = max(0, need - 8)
+        return data + struct.pack(">I", 8 + extra) + b"free" + b"\x00" * extra
+    return data + b"\x00" * need
+
+
 # ---------------------------------------------------------------------------------------------------
 # Validation helpers
 # ---------------------------------------------------------------------------------------------------
@@ -600,13 +676,18 @@ class _Item:
 class _Client:
     """One accepted WebSocket with its own ordered send queue (sending never blocks the worker)."""
 
-    def __init__(self, ws: web.WebSocketResponse, sid: str):
+    def __init__(self, ws: web.WebSocketResponse, sid: str, transport: asyncio.Transport | None = None):
         self.ws = ws
         self.sid = sid
+        self.transport = transport
         self.preview_metadata = False
         self.dead = False
+        self.aborted = False  # the server cut the connection itself (close_ws_after / restart)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
+        # Fault counters: (generation of the fault setting they count for, frames counted).
+        self.close_gen, self.close_count = -1, 0
+        self.garbage_gen, self.garbage_count = -1, 0
 
     def send_text(self, text: str) -> None:
         if not self.dead:
@@ -622,20 +703,6 @@ class _Client:
         while not self.queue.empty():
             self.queue.get_nowait()
         self.queue.put_nowait(None)
-
-    async def pump(self) -> None:
-        while True:
-            item = await self.queue.get()
-            if item is None:
-                return
-            try:
-                if isinstance(item, str):
-                    await self.ws.send_str(item)
-                else:
-                    await self.ws.send_bytes(item)
-            except Exception:  # the peer went away mid-message: drop the rest
-                self.dead = True
-                return
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -666,8 +733,13 @@ class StandInComfyUI:
     Records for assertions (safe to read from the test thread): ``ws_opened``, ``ws_closed``,
     ``ws_open_now``, ``max_ws_open``, ``requests`` (Counter of ``(METHOD, route)``),
     ``posts_per_prompt_id`` (POST /prompt bodies carrying each client-chosen ``prompt_id``),
-    ``max_in_flight``, ``executed_prompt_ids``, ``headers_seen`` and ``files``
-    (``(type, subfolder, filename) -> bytes``).
+    ``max_in_flight``, ``executed_prompt_ids``, ``executions_per_prompt_id``, ``interrupts``,
+    ``deletes``, ``headers_seen`` and ``files`` (``(type, subfolder, filename) -> bytes``).
+
+    Faults (see the module docstring): :meth:`close_ws_after`, :meth:`restart`,
+    :meth:`fail_prompt_posts`, :meth:`drop_prompt_posts`, :meth:`truncate_views`, :meth:`delay_views`,
+    :meth:`send_garbage`, :meth:`send_huge_binary`, the knobs ``request_latency_s`` and
+    ``output_size_bytes``; :meth:`clear_faults` ends them all.
     """
 
     def __init__(
@@ -726,7 +798,29 @@ class StandInComfyUI:
         self.posts_per_prompt_id: collections.Counter = collections.Counter()
         self.max_in_flight = 0
         self.executed_prompt_ids: list[str] = []
+        self.executions_per_prompt_id: collections.Counter = collections.Counter()
+        self.interrupts: list[str | None] = []
+        self.deletes: list[str] = []
         self.headers_seen: list[dict] = []
+
+        # Faults (guarded by self._lock; see clear_faults()).
+        self.request_latency_s: float = 0.0
+        self.output_size_bytes: int = 0
+        self._site: web.BaseSite | None = None
+        self._up = threading.Event()  # set while the port listens
+        self._up_task: asyncio.Task | None = None
+        self._down = False
+        self._flaky_seen: set[str] = set()  # survives restart() and clear_faults()
+        self._close_after: int | None = None
+        self._close_times_left = 0  # 0 = unlimited
+        self._close_gen = 0
+        self._garbage_every = 0
+        self._garbage_gen = 0
+        self._fail_posts = 0
+        self._fail_status = 500
+        self._drop_posts = 0
+        self._truncate_views = 0
+        self._view_delay_s = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -829,11 +923,18 @@ class StandInComfyUI:
         site = web.SockSite(runner, sock)
         await site.start()
         self._runner = runner
+        self._site = site
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._worker = asyncio.get_running_loop().create_task(self._work())
+        self._up.set()
 
     async def _shutdown(self) -> None:
+        self._up.clear()
+        if self._up_task is not None:
+            self._up_task.cancel()
+            await asyncio.gather(self._up_task, return_exceptions=True)
+            self._up_task = None
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
@@ -871,12 +972,16 @@ class StandInComfyUI:
     # ------------------------------------------------------------------ public helpers
 
     def reset_counters(self) -> None:
-        """Reset the records (requests, headers, ws counts, in-flight peak, executed ids); keeps state."""
+        """Reset the records (requests, headers, ws counts, in-flight peak, executed ids, executions,
+        interrupts, deletes); keeps state."""
         with self._lock:
             self.requests.clear()
             self.posts_per_prompt_id.clear()
             self.headers_seen.clear()
             self.executed_prompt_ids.clear()
+            self.executions_per_prompt_id.clear()
+            self.interrupts.clear()
+            self.deletes.clear()
             self.ws_opened = 0
             self.ws_closed = 0
             self.max_ws_open = self.ws_open_now
@@ -893,6 +998,303 @@ class StandInComfyUI:
         with self._lock:
             return json.loads(json.dumps(dict(self._history)))
 
+    # ------------------------------------------------------------------ faults
+
+    def clear_faults(self) -> None:
+        """End every fault: socket closing, garbage, POST /prompt and /view faults, the latency knobs.
+
+        A server that is down after :meth:`restart` listens again at once.  The ``[[flaky]]`` seen
+        texts are kept (they are the server's memory, not a fault).
+        """
+        with self._lock:
+            self._close_after = None
+            self._close_times_left = 0
+            self._garbage_every = 0
+            self._fail_posts = 0
+            self._fail_status = 500
+            self._drop_posts = 0
+            self._truncate_views = 0
+            self._view_delay_s = 0.0
+            self.request_latency_s = 0.0
+            self.output_size_bytes = 0
+            down = self._down
+        if down and self._loop is not None:
+            self._call_in_loop(self._come_up_now)
+            if threading.current_thread() is not self._thread:
+                self._up.wait(15)
+
+    def close_ws_after(self, n_messages: int, times: int = 1) -> None:
+        """Abort each socket once the server has sent it ``n_messages`` frames from now on.
+
+        ``times`` sockets are closed in total (0 = every socket, every time).  No close frame is sent.
+        """
+        if n_messages < 0 or times < 0:
+            raise ValueError("n_messages and times must be >= 0")
+        with self._lock:
+            self._close_gen += 1
+            self._close_after = int(n_messages)
+            self._close_times_left = int(times)
+        self._call_in_loop(self._kick_idle_for_close)
+
+    def fail_prompt_posts(self, k: int, status: int = 500) -> None:
+        """The next ``k`` ``POST /prompt`` answer ``status`` with a text body and queue nothing."""
+        with self._lock:
+            self._fail_posts = max(0, int(k))
+            self._fail_status = int(status)
+
+    def drop_prompt_posts(self, k: int) -> None:
+        """The next ``k`` ``POST /prompt`` are handled (and queued) but get no response: the connection
+        is aborted before anything is written."""
+        with self._lock:
+            self._drop_posts = max(0, int(k))
+
+    def truncate_views(self, k: int) -> None:
+        """The next ``k`` successful ``GET /view`` send the full Content-Length but half the body."""
+        with self._lock:
+            self._truncate_views = max(0, int(k))
+
+    def delay_views(self, seconds: float) -> None:
+        """Every ``GET /view`` waits ``seconds`` before answering (0 = off)."""
+        with self._lock:
+            self._view_delay_s = max(0.0, float(seconds))
+
+    def send_garbage(self, every_n: int = 3) -> None:
+        """After every ``every_n``-th normal frame to each socket, also send four garbage frames
+        (see ``GARBAGE_FRAMES``); 0 turns it off."""
+        if every_n < 0:
+            raise ValueError("every_n must be >= 0")
+        with self._lock:
+            self._garbage_gen += 1
+            self._garbage_every = int(every_n)
+
+    def send_huge_binary(self, size_bytes: int) -> None:
+        """Queue one binary frame of ``size_bytes`` (event type 1, format 2 header + random bytes) to
+        every open socket."""
+        size = max(8, int(size_bytes))
+        frame = struct.pack(">II", 1, 2) + random.randbytes(size - 8)
+
+        def enqueue() -> None:
+            with self._lock:
+                clients = list(self._clients)
+            for client in clients:
+                client.send_bytes(frame)
+
+        self._call_in_loop(enqueue)
+
+    def restart(self, down_s: float, *, wait: bool = False) -> None:
+        """Simulate a ComfyUI restart; returns once the port refuses connections.
+
+        The running prompt stops silently, queue/history/cache are dropped, every connection is
+        aborted, and after ``down_s`` seconds the same port listens again (``wait=True`` blocks until
+        then).  Calling it again while down restarts the ``down_s`` countdown.
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the stand-in server is not running")
+        if threading.current_thread() is self._thread:
+            loop.create_task(self._go_down(float(down_s)))
+            return
+        asyncio.run_coroutine_threadsafe(self._go_down(float(down_s)), loop).result(timeout=15)
+        if wait:
+            self.wait_until_up(float(down_s) + 15)
+
+    def wait_until_up(self, timeout: float | None = None) -> bool:
+        """Block until the server listens (True) or ``timeout`` passes (False)."""
+        return self._up.wait(timeout)
+
+    def _call_in_loop(self, fn, *args) -> Any:
+        """Run ``fn(*args)`` on the server's loop (directly when not started or already on it)."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or threading.current_thread() is thread:
+            return fn(*args)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return future.result(timeout=15)
+
+    def _kick_idle_for_close(self) -> None:
+        """``close_ws_after(0)``: sockets with nothing to send are aborted now, too."""
+        with self._lock:
+            if self._close_after != 0:
+                return
+            clients = [c for c in self._clients if not c.dead and c.queue.empty()]
+        for client in clients:
+            if self._close_due(client, sent=False):
+                self._abort_client(client)
+
+    def _close_due(self, client: _Client, *, sent: bool, gen: int | None = None) -> bool:
+        """Count a frame written to ``client`` (``sent``; ``gen`` = the fault generation when its write
+        began) and say whether the socket must be aborted now."""
+        with self._lock:
+            n = self._close_after
+            if n is None:
+                return False
+            if client.close_gen != self._close_gen:
+                client.close_gen, client.close_count = self._close_gen, 0
+            if sent and gen == self._close_gen:  # a frame written before close_ws_after() is not counted
+                client.close_count += 1
+            if client.close_count < n:
+                return False
+            if self._close_times_left:
+                self._close_times_left -= 1
+                if self._close_times_left == 0:
+                    self._close_after = None
+            return True
+
+    def _garbage_due(self, client: _Client, gen: int) -> bool:
+        """Count a normal frame (``gen`` = the garbage generation when its write began); True when the
+        garbage frames must follow it."""
+        with self._lock:
+            every = self._garbage_every
+            if every <= 0:
+                return False
+            if client.garbage_gen != self._garbage_gen:
+                client.garbage_gen, client.garbage_count = self._garbage_gen, 0
+            if gen != self._garbage_gen:  # written before send_garbage(): not counted
+                return False
+            client.garbage_count += 1
+            return client.garbage_count % every == 0
+
+    def _abort_client(self, client: _Client) -> None:
+        """Cut the socket without a close frame; its clientId entry goes at once (reconnects work)."""
+        with self._lock:
+            client.aborted = True
+            if self._sockets.get(client.sid) is client:
+                del self._sockets[client.sid]
+        client.finish()
+        transport = client.transport
+        if transport is not None:
+            transport.abort()
+
+    @staticmethod
+    async def _flush(transport: asyncio.Transport | None, limit_s: float = 2.0) -> None:
+        """Wait until ``transport`` handed its buffered bytes to the kernel (before an abort)."""
+        deadline = time.monotonic() + limit_s
+        while (transport is not None and not transport.is_closing() and transport.get_write_buffer_size()
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.002)
+
+    async def _send_frame(self, client: _Client, frame: str | bytes) -> bool:
+        """Write one frame, applying ``close_ws_after``; False when the socket is gone."""
+        if self._close_due(client, sent=False):  # close_ws_after(0)
+            self._abort_client(client)
+            return False
+        with self._lock:
+            gen = self._close_gen
+        try:
+            if isinstance(frame, str):
+                await client.ws.send_str(frame)
+            else:
+                await client.ws.send_bytes(frame)
+        except Exception:  # the peer went away mid-message: drop the rest
+            client.dead = True
+            return False
+        if self._close_due(client, sent=True, gen=gen):
+            await self._flush(client.transport)
+            self._abort_client(client)
+            return False
+        return True
+
+    async def _pump(self, client: _Client) -> None:
+        """The socket's writer task: its queued frames in order, plus the garbage fault."""
+        while True:
+            item = await client.queue.get()
+            if item is None:
+                return
+            with self._lock:
+                garbage_gen = self._garbage_gen
+            if not await self._send_frame(client, item):
+                return
+            if self._garbage_due(client, garbage_gen):
+                for frame in GARBAGE_FRAMES:
+                    if not await self._send_frame(client, frame):
+                        return
+
+    async def _go_down(self, down_s: float) -> None:
+        """First half of :meth:`restart` (on the loop): stop listening, kill everything, forget."""
+        self._up.clear()
+        with self._lock:
+            self._down = True
+        if self._up_task is not None:
+            self._up_task.cancel()
+            self._up_task = None
+        site, self._site = self._site, None
+        if site is not None:
+            try:
+                await site.stop()
+            except Exception as exc:
+                log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)
+        with self._lock:
+            clients = list(self._clients)
+            self._sockets.clear()
+            for client in clients:
+                client.aborted = True
+        for client in clients:
+            client.finish()
+        server = self._runner.server if self._runner is not None else None
+        for handler in (server.connections if server is not None else []):
+            if handler.transport is not None:
+                handler.transport.abort()
+        for client in clients:
+            if client.transport is not None:
+                client.transport.abort()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+        for timer in list(self._timers):
+            timer.cancel()
+        self._timers.clear()
+        with self._lock:
+            self._pending.clear()
+            self._running.clear()
+            self._history.clear()
+            self._number = 0
+        self._cache = {}
+        self._preview_prefixes.clear()
+        self._interrupt_requested = False
+        self._interrupt_event.clear()
+        self._wake.clear()
+        self._current_client_id = None
+        self._last_node_id = None
+        self._worker = asyncio.get_running_loop().create_task(self._work())
+        self._up_task = asyncio.get_running_loop().create_task(self._come_up(down_s))
+
+    async def _come_up(self, down_s: float) -> None:
+        await asyncio.sleep(max(0.0, down_s))
+        deadline = time.monotonic() + 10
+        while True:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", self.port))
+                break
+            except OSError as exc:
+                sock.close()
+                if time.monotonic() > deadline:  # someone else took the port: stay down
+                    log.warning("stand-in: cannot listen on port %s again after restart: %s", self.port, exc)
+                    self._up_task = None
+                    return
+                await asyncio.sleep(0.05)
+        site = web.SockSite(self._runner, sock)
+        await site.start()
+        self._site = site
+        with self._lock:
+            self._down = False
+        self._up_task = None
+        self._up.set()
+
+    def _come_up_now(self) -> None:
+        if self._up_task is not None:
+            self._up_task.cancel()
+        self._up_task = asyncio.get_running_loop().create_task(self._come_up(0.0))
+
     # ------------------------------------------------------------------ middleware & small routes
 
     @web.middleware
@@ -902,6 +1304,9 @@ class StandInComfyUI:
         with self._lock:
             self.requests[(request.method, route)] += 1
             self.headers_seen.append(dict(request.headers))
+        latency = float(self.request_latency_s or 0)
+        if latency > 0:
+            await asyncio.sleep(latency)
         token = self.require_token
         if token and request.headers.get("Authorization", "") != f"Bearer {token}":
             return web.Response(status=401, text="401: Unauthorized")
@@ -1002,6 +1407,7 @@ class StandInComfyUI:
             if isinstance(delete, list):
                 for pid in delete:
                     with self._lock:
+                        self.deletes.append(str(pid))
                         found = [it for it in self._pending if it.prompt_id == pid]
                         for it in found:
                             self._pending.remove(it)
@@ -1013,6 +1419,7 @@ class StandInComfyUI:
         body = await self._json_body(request)
         target = body.get("prompt_id") if isinstance(body, dict) else None
         with self._lock:
+            self.interrupts.append(target)
             running = [it.prompt_id for it in self._running]
         if target is None:
             if running:
@@ -1059,6 +1466,10 @@ class StandInComfyUI:
         return web.Response(status=200)
 
     async def _h_view(self, request):
+        with self._lock:
+            delay = self._view_delay_s
+        if delay > 0:
+            await asyncio.sleep(delay)
         query = request.rel_url.query
         if "filename" not in query:
             return web.Response(status=404)
@@ -1076,11 +1487,33 @@ class StandInComfyUI:
         if data is None:
             return web.Response(status=404)
         ext = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+        with self._lock:
+            truncate = self._truncate_views > 0
+            if truncate:
+                self._truncate_views -= 1
+        if truncate:
+            return await self._truncated_view(request, data, filename, ext)
         return web.Response(
             body=data,
             content_type=CONTENT_TYPES.get(ext, "application/octet-stream"),
             headers={"Content-Disposition": f'filename="{filename}"'},
         )
+
+    async def _truncated_view(self, request, data: bytes, filename: str, ext: str):
+        """``truncate_views``: the real headers and Content-Length, half the body, then a cut connection."""
+        response = web.StreamResponse(headers={"Content-Disposition": f'filename="{filename}"'})
+        response.content_type = CONTENT_TYPES.get(ext, "application/octet-stream")
+        response.content_length = len(data)
+        transport = request.transport
+        try:
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            await self._flush(transport)
+        except Exception as exc:
+            log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)  # client already gone
+        if transport is not None:
+            transport.abort()
+        return response  # aiohttp's write_eof meets a closed transport and gives up quietly
 
     async def _h_upload_image(self, request):
         try:
@@ -1113,8 +1546,8 @@ class StandInComfyUI:
             return web.Response(status=400, text="Expected a WebSocket upgrade")
         await ws.prepare(request)
         sid = request.query.get("clientId") or uuid.uuid4().hex
-        client = _Client(ws, sid)
-        client.task = asyncio.get_running_loop().create_task(client.pump())
+        client = _Client(ws, sid, request.transport)
+        client.task = asyncio.get_running_loop().create_task(self._pump(client))
         with self._lock:
             self.ws_opened += 1
             self.ws_open_now += 1
@@ -1138,7 +1571,8 @@ class StandInComfyUI:
             # ComfyUI removes the entry for this id whoever holds it now: a newer socket with the same
             # clientId goes deaf when the older one closes.
             with self._lock:
-                self._sockets.pop(sid, None)
+                if not client.aborted:  # an aborted socket's entry was removed when it was cut
+                    self._sockets.pop(sid, None)
                 self._clients.discard(client)
                 self.ws_closed += 1
                 self.ws_open_now -= 1
@@ -1147,7 +1581,7 @@ class StandInComfyUI:
                 await asyncio.wait_for(asyncio.shield(client.task), timeout=1.0)
             except Exception as exc:
                 log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)  # teardown/client race
-            if not ws.closed:  # answers the client's close frame
+            if not ws.closed and not client.aborted:  # answers the client's close frame
                 try:
                     await ws.close()
                 except Exception as exc:
@@ -1196,6 +1630,38 @@ class StandInComfyUI:
     # ------------------------------------------------------------------ POST /prompt
 
     async def _h_post_prompt(self, request):
+        with self._lock:
+            fail = self._fail_posts > 0
+            if fail:
+                self._fail_posts -= 1
+            status = self._fail_status
+            drop = not fail and self._drop_posts > 0
+            if drop:
+                self._drop_posts -= 1
+        if fail:
+            return await self._failed_post(request, status)
+        transport = request.transport
+        response = await self._post_prompt(request)
+        if drop and transport is not None:
+            transport.abort()  # accepted (or rejected) but the client never hears about it
+        return response  # writing it meets a closed transport; aiohttp gives up quietly
+
+    async def _failed_post(self, request, status: int):
+        """``fail_prompt_posts``: the answer is ``status`` with a text body; nothing is queued."""
+        try:
+            body = json.loads(await request.read())
+        except Exception:
+            body = None
+        if isinstance(body, dict) and "prompt_id" in body:
+            with self._lock:
+                self.posts_per_prompt_id[str(body["prompt_id"])] += 1
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        return web.Response(status=status, text=f"{status} {phrase}\n\nstand-in fault: POST /prompt refused")
+
+    async def _post_prompt(self, request):
         try:
             body = json.loads(await request.read())
         except Exception:
@@ -1422,14 +1888,23 @@ class StandInComfyUI:
                     self._pending.remove(item)
                     self._running.append(item)
                     self.executed_prompt_ids.append(item.prompt_id)
+                    self.executions_per_prompt_id[item.prompt_id] += 1
                     self.max_in_flight = max(self.max_in_flight, len(self._pending) + len(self._running))
             if item is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            silent = self._silent_seconds(item)
+            if silent is not None:  # [[silent=S]]: nothing at all for S seconds (an interrupt ends it)
+                self._interrupt_requested = False
+                self._interrupt_event.clear()
+                try:
+                    await asyncio.wait_for(self._interrupt_event.wait(), timeout=silent)
+                except asyncio.TimeoutError:
+                    pass
             self._broadcast_status()
             try:
-                await self._execute(item)
+                await self._execute(item, silent=silent is not None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a stand-in bug must not kill the worker
@@ -1464,6 +1939,13 @@ class StandInComfyUI:
         for nid in prompt:
             sig(nid, ())
         return sigs
+
+    def _silent_seconds(self, item: _Item) -> float | None:
+        for text in self._strings(item.prompt):
+            match = SILENT_RE.search(text)
+            if match:
+                return float(match.group(1))
+        return None
 
     @staticmethod
     def _strings(prompt: dict) -> list[str]:
@@ -1524,13 +2006,14 @@ class StandInComfyUI:
         sampler = classes & SAMPLER_CLASSES
         return sampler if sampler else None
 
-    async def _execute(self, item: _Item) -> None:
+    async def _execute(self, item: _Item, *, silent: bool = False) -> None:
         pid, prompt, outputs = item.prompt_id, item.prompt, item.outputs
         extra = item.extra
         client = extra.get("client_id") if isinstance(extra.get("client_id"), str) else None
         info = self.object_info()
-        self._interrupt_requested = False
-        self._interrupt_event.clear()
+        if not silent:  # a [[silent]] prompt keeps an interrupt that arrived during its silence
+            self._interrupt_requested = False
+            self._interrupt_event.clear()
         self._current_client_id = client
         hist: list[list] = []
 
@@ -1571,6 +2054,12 @@ class StandInComfyUI:
 
         strings = self._strings(prompt)
         fail = any(FAIL_MARKER in s for s in strings)
+        fail_message = FAIL_MESSAGE
+        flaky = [s for s in strings if FLAKY_MARKER in s]
+        with self._lock:
+            if any(s not in self._flaky_seen for s in flaky):
+                fail, fail_message = True, FLAKY_MESSAGE
+            self._flaky_seen.update(flaky)
         hang = any(HANG_MARKER in s for s in strings)
         total = self.execution_time_s
         for s in strings:
@@ -1579,6 +2068,8 @@ class StandInComfyUI:
                 total = float(match.group(1))
                 break
         steps = max(0, int(self.progress_steps or 0))
+        if silent:  # its S seconds are over: finish at once, without progress steps
+            total, steps = 0.0, 0
         stepped_classes = self._stepped_classes(prompt)
 
         def is_stepped(nid: str) -> bool:
@@ -1619,7 +2110,7 @@ class StandInComfyUI:
                 return finish_interrupted(nid)
             inputs = self._resolve_inputs(prompt, nid, values, info)
             if fail:
-                data = self._error_data(item, nid, cls, executed, "RuntimeError", FAIL_MESSAGE, inputs)
+                data = self._error_data(item, nid, cls, executed, "RuntimeError", fail_message, inputs)
                 self._finish(item, client, hist, ui_out, new_cache, "error", False, ("execution_error", data))
                 return
             if hang:
@@ -1956,6 +2447,7 @@ class StandInComfyUI:
         return self._file_counters[key]
 
     def _store(self, kind: str, sub: str, filename: str, data: bytes) -> None:
+        data = _pad_output(data, int(self.output_size_bytes or 0))
         with self._lock:
             self.files[(kind, sub, filename)] = data
 

@@ -64,7 +64,7 @@ def test_run_generates_files_for_descriptions_from_flags_and_file(comfy, tmp_pat
 @pytest.mark.usefixtures("prefect_api")
 def test_run_exits_non_zero_and_says_why_when_generations_fail(comfy, tmp_path):
     result = comfy_pipeline(
-        "run", "--server", comfy.url, "--workflow", str(EXAMPLES / "smoke_image.json"),
+        "run", "--server", comfy.url, "--workflow", str(EXAMPLES / "sd15_txt2img.json"),
         "--description", "ok", "--description", "bad [[fail]]", "--output-dir", str(tmp_path / "out"),
     )
     assert result.returncode == 1

@@ -22,6 +22,8 @@ pytestmark = pytest.mark.usefixtures("prefect_api", "no_leaked_threads")
 
 SMOKE_IMAGE = str(EXAMPLES / "smoke_image.json")
 SMOKE_VIDEO = str(EXAMPLES / "smoke_video.json")
+# The description goes verbatim into CLIPTextEncode text here, so the stand-in's markers work.
+SD15 = str(EXAMPLES / "sd15_txt2img.json")
 
 
 def run(comfy_url: str, tmp_path: Path, descriptions, **kwargs):
@@ -101,7 +103,7 @@ def test_failures_are_recorded_per_generation_while_the_others_complete(comfy, t
     comfy.execution_time_s = 0.05
     descriptions = ["fine one", "broken [[fail]]", "fine two", "stuck [[hang]]", "fine three"]
     state = run(comfy.url, tmp_path, descriptions, server_settings={"generation_timeout_s": 1.0},
-                retries=1, retry_delay_s=0)
+                retries=1, retry_delay_s=0, workflow=SD15)
     assert state.is_failed()
     # the stall (transient) was retried once under a new prompt_id; the node error was not retried
     assert comfy.requests[("POST", "/prompt")] == 6

@@ -687,3 +687,341 @@ def test_ws_counters_are_updated_before_the_close_handshake_completes(comfy):
         sock.close()  # websocket-client waits for the server's close reply
         assert comfy.ws_open_now == 0 and comfy.ws_closed == i + 1
     assert comfy.ws_opened == 20 and comfy.max_ws_open == 1
+
+
+# --------------------------------------------------------------------------------------------- faults
+
+
+def raw_frames_until_done(sock: Sock, prompt_id: str, timeout: float = 5.0) -> list:
+    """Every frame as received (text undecoded), up to ``executing {node: null, prompt_id}``."""
+    frames, deadline = [], time.monotonic() + timeout
+    while True:
+        sock.ws.settimeout(max(0.05, deadline - time.monotonic()))
+        frame = sock.ws.recv()
+        frames.append(frame)
+        try:
+            msg = json.loads(frame) if isinstance(frame, str) else None
+        except ValueError:
+            continue
+        if (isinstance(msg, dict) and msg.get("type") == "executing" and msg["data"].get("node") is None
+                and msg["data"].get("prompt_id") == prompt_id):
+            return frames
+
+
+def recv_until_lost(sock: Sock, limit: int = 50) -> list:
+    """Frames until the connection is lost without a close frame (fails on a close frame)."""
+    got = []
+    with pytest.raises(websocket.WebSocketConnectionClosedException):
+        for _ in range(limit):
+            sock.ws.settimeout(5)
+            frame = sock.ws.recv()
+            assert frame not in ("", b""), "the server sent a close frame"
+            got.append(json.loads(frame) if isinstance(frame, str) else frame)
+    return got
+
+
+def wait_for(predicate, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_close_ws_after_aborts_the_socket_and_a_reconnect_gets_the_rest(comfy):
+    comfy.execution_time_s = 0.6
+    cid = uuid.uuid4().hex
+    first = Sock(comfy, cid)  # its hello is not counted: counting starts at close_ws_after()
+    comfy.close_ws_after(3)
+    pid = submit(comfy, chain_prompt("cw/x"), cid)
+    got = recv_until_lost(first)
+    assert types(got) == ["status", "status", "execution_start"]  # put, get, start: then cut, no close frame
+    wait_for(lambda: comfy.ws_open_now == 0)
+    second = Sock(comfy, cid)  # same clientId while the prompt still runs
+    assert second.sid == cid
+    resumed = second.recv()
+    assert resumed["type"] == "executing" and list(resumed["data"]) == ["node"]
+    frames = second.until_done(pid)  # times=1 is used up: this socket is not cut
+    assert "execution_success" in types(frames) and len(frames) > 3
+    assert history(comfy, pid)[pid]["status"]["status_str"] == "success"
+    assert comfy.executions_per_prompt_id == {pid: 1} and comfy.ws_opened == 2
+    second.close()
+
+    comfy.close_ws_after(1, times=0)  # every socket, every time
+    for _ in range(2):
+        sock = Sock(comfy, cid)  # the hello is its one frame
+        recv_until_lost(sock)
+    comfy.clear_faults()
+    sock = Sock(comfy, cid)
+    assert sock.silent_for(0.1) == []
+    pid = submit(comfy, image_prompt("cw/after"), cid)
+    sock.until_done(pid)
+    sock.close()
+
+
+def test_restart_refuses_connections_then_serves_empty_state_on_the_same_port(comfy):
+    sock = Sock(comfy, uuid.uuid4().hex)
+    done = submit(comfy, image_prompt("rs/done"), sock.client_id)
+    sock.until_done(done)
+    entry = history(comfy, done)[done]["outputs"]["2"]["images"][0]
+    hung = submit(comfy, image_prompt("rs/[[hang]]"), sock.client_id)
+    submit(comfy, image_prompt("rs/pending", color=9), sock.client_id)
+    while sock.recv()["type"] != "executing":
+        pass
+    port, url = comfy.port, comfy.url
+    session = requests.Session()
+    assert session.get(f"{url}/queue", timeout=5).status_code == 200  # a keep-alive connection
+    started = time.monotonic()
+    comfy.restart(0.6)
+    lost = recv_until_lost(sock)  # at most the second POST's status broadcast was still on its way
+    assert [f["data"]["status"]["exec_info"]["queue_remaining"] for f in lost if f["type"] == "status"] in ([], [2])
+    assert not [f for f in lost if f["type"] != "status"]  # the hanging prompt ended without a message
+    assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
+    with pytest.raises(requests.ConnectionError):
+        session.get(f"{url}/queue", timeout=2)
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    with pytest.raises((ConnectionError, OSError, websocket.WebSocketException)):
+        websocket.create_connection(f"ws://127.0.0.1:{port}/ws", timeout=2)
+    assert comfy.wait_until_up(5)
+    assert time.monotonic() - started >= 0.55
+    assert comfy.port == port and comfy.url == url
+    assert session.get(f"{url}/queue", timeout=5).json() == {"queue_running": [], "queue_pending": []}
+    assert session.get(f"{url}/history", timeout=5).json() == {} and history(comfy, hung) == {}
+    assert session.get(f"{url}/view", params=entry, timeout=5).status_code == 200  # files stay
+    sock = Sock(comfy, sock.client_id)
+    response = post(comfy, image_prompt("rs/done"), sock.client_id)
+    assert response.json()["number"] == 0
+    frames = sock.until_done(response.json()["prompt_id"])
+    assert [f["data"]["nodes"] for f in texts(frames) if f["type"] == "execution_cached"] == [[]]  # cache gone
+    assert comfy.executions_per_prompt_id[hung] == 1
+    sock.close()
+    session.close()
+
+
+def test_restart_wait_and_clear_faults_ending_a_restart_early(comfy):
+    comfy.restart(0.2, wait=True)
+    assert requests.get(f"{comfy.url}/queue", timeout=2).status_code == 200
+    comfy.restart(30)
+    started = time.monotonic()
+    comfy.clear_faults()  # back up now
+    assert time.monotonic() - started < 2
+    assert requests.get(f"{comfy.url}/queue", timeout=2).status_code == 200
+
+
+def test_fail_prompt_posts_answers_the_status_and_queues_nothing(comfy):
+    comfy.fail_prompt_posts(2, status=503)
+    for i in range(2):
+        response = post(comfy, image_prompt("fp/x"), prompt_id="chosen")
+        assert response.status_code == 503 and response.text.startswith("503 ")
+        assert response.headers["Content-Type"].startswith("text/plain")
+    assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
+    comfy.fail_prompt_posts(1)
+    response = post(comfy, image_prompt("fp/x"), prompt_id="chosen")
+    assert response.status_code == 500
+    sock = Sock(comfy, uuid.uuid4().hex)
+    pid = submit(comfy, image_prompt("fp/x"), sock.client_id, prompt_id="chosen")
+    sock.until_done(pid)
+    assert comfy.posts_per_prompt_id == {"chosen": 4} and comfy.executions_per_prompt_id == {"chosen": 1}
+    assert comfy.executed_prompt_ids == ["chosen"]
+    sock.close()
+
+
+def test_drop_prompt_posts_is_an_ambiguous_submit(comfy):
+    sock = Sock(comfy, uuid.uuid4().hex)
+    comfy.drop_prompt_posts(1)
+    pid = str(uuid.uuid4())
+    with pytest.raises(requests.ConnectionError):
+        post(comfy, image_prompt("dp/x"), sock.client_id, prompt_id=pid)
+    frames = sock.until_done(pid)  # it was accepted and runs normally
+    assert "execution_success" in types(frames)
+    assert history(comfy, pid)[pid]["status"]["status_str"] == "success"
+    assert comfy.posts_per_prompt_id == {pid: 1} and comfy.executions_per_prompt_id == {pid: 1}
+    other = submit(comfy, image_prompt("dp/y"), sock.client_id)  # k=1: the next one is answered
+    sock.until_done(other)
+    sock.close()
+
+
+def test_truncate_views_and_delay_views(comfy):
+    comfy.output_size_bytes = 20000
+    sock = Sock(comfy, uuid.uuid4().hex)
+    pid = submit(comfy, image_prompt("tv/x"), sock.client_id)
+    sock.until_done(pid)
+    entry = history(comfy, pid)[pid]["outputs"]["2"]["images"][0]
+    full = requests.get(f"{comfy.url}/view", params=entry, timeout=5).content
+    assert len(full) >= 20000
+    comfy.truncate_views(2)
+    with socket.create_connection(("127.0.0.1", comfy.port), timeout=5) as raw:
+        raw.sendall(f"GET /view?filename={entry['filename']}&subfolder={entry['subfolder']}&type=output "
+                    "HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        received = b""
+        while True:
+            chunk = raw.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    head, body = received.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    assert head.startswith(b"HTTP/1.1 200") and length == len(full)
+    assert body == full[: len(full) // 2]
+    with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.ConnectionError)):
+        requests.get(f"{comfy.url}/view", params=entry, timeout=5).content
+    assert requests.get(f"{comfy.url}/view", params=entry, timeout=5).content == full  # k=2 used up
+
+    comfy.delay_views(0.3)
+    started = time.monotonic()
+    assert requests.get(f"{comfy.url}/view", params=entry, timeout=5).content == full
+    assert time.monotonic() - started >= 0.28
+    started = time.monotonic()
+    requests.get(f"{comfy.url}/queue", timeout=5)
+    assert time.monotonic() - started < 0.2
+    comfy.delay_views(0)
+    started = time.monotonic()
+    requests.get(f"{comfy.url}/view", params=entry, timeout=5)
+    assert time.monotonic() - started < 0.2
+    sock.close()
+
+
+def test_garbage_frames_and_a_huge_binary_frame(comfy):
+    sock = Sock(comfy, uuid.uuid4().hex)
+    other = Sock(comfy)
+    comfy.send_garbage(2)
+    pid = submit(comfy, image_prompt("gb/x"), sock.client_id)
+    frames = raw_frames_until_done(sock, pid)
+    garbage = []
+    normal, i = 0, 0
+    while i < len(frames):
+        frame = frames[i]
+        normal += 1
+        i += 1
+        if normal % 2 == 0 and i < len(frames):
+            chunk = frames[i:i + 4]
+            assert chunk[0] == "{not json"
+            assert isinstance(json.loads(chunk[1]), list)
+            mystery = json.loads(chunk[2])
+            assert mystery["type"] == "mystery_event" and "prompt_id" not in mystery["data"]
+            assert isinstance(chunk[3], bytes) and struct.unpack(">I", chunk[3][:4]) == (99,)
+            garbage.append(chunk)
+            i += 4
+    assert normal >= 6 and len(garbage) == normal // 2 - (normal % 2 == 0)
+    if normal % 2 == 0:  # the last normal frame is followed by garbage too
+        assert sock.ws.recv() == "{not json"
+        for _ in range(3):
+            sock.ws.recv()
+    other.ws.settimeout(5)
+    while other.ws.recv() != "{not json":  # the observer gets garbage after its status broadcasts, too
+        pass
+    comfy.send_garbage(0)
+    pid = submit(comfy, image_prompt("gb/y"), sock.client_id)
+    assert all(isinstance(json.loads(f), dict) for f in raw_frames_until_done(sock, pid))
+
+    comfy.send_huge_binary(3_000_000)
+    for target in (sock, other):
+        while True:
+            target.ws.settimeout(5)
+            frame = target.ws.recv()
+            if isinstance(frame, bytes) and len(frame) > 1000:
+                break
+        assert len(frame) == 3_000_000 and struct.unpack(">II", frame[:8]) == (1, 2)
+    sock.close()
+    other.close()
+
+
+def test_silent_prompt_sends_nothing_then_finishes_normally(comfy):
+    comfy.progress_steps = 3
+    sock = Sock(comfy, uuid.uuid4().hex)
+    watcher = Sock(comfy)
+    started = time.monotonic()
+    pid = submit(comfy, image_prompt("sl/[[silent=0.7]]"), sock.client_id)
+    assert sock.recv()["type"] == "status" and watcher.recv()["type"] == "status"  # the POST's own broadcast
+    wait_for(lambda: comfy.queue_snapshot()["queue_running"])
+    assert sock.silent_for(0.5) == [] and watcher.silent_for(0.05) == []
+    frames = sock.until_done(pid)
+    assert time.monotonic() - started >= 0.65
+    assert types(frames) == ["status", "execution_start", "execution_cached", "progress_state", "executing",
+                             "progress_state", "progress_state", "executing", "executed", "progress_state",
+                             "execution_success", "status", "executing"]
+    assert history(comfy, pid)[pid]["status"]["status_str"] == "success"
+
+    interrupted = submit(comfy, image_prompt("sl/[[silent=10]]", color=4), sock.client_id)
+    sock.recv()
+    wait_for(lambda: comfy.queue_snapshot()["queue_running"])
+    requests.post(f"{comfy.url}/interrupt", json={"prompt_id": interrupted}, timeout=5)
+    frames = sock.until_done(interrupted, timeout=3)
+    assert types(frames)[-3:] == ["execution_interrupted", "status", "executing"]
+    sock.close()
+    watcher.close()
+
+
+def test_flaky_prompt_fails_once_per_text_even_across_a_restart(comfy):
+    sock = Sock(comfy, uuid.uuid4().hex)
+
+    def run(prefix: str) -> dict:
+        pid = submit(comfy, image_prompt(prefix), sock.client_id)
+        sock.until_done(pid)
+        return history(comfy, pid)[pid]
+
+    first = run("fl/[[flaky]]a")
+    assert first["status"]["status_str"] == "error"
+    error = dict(first["status"]["messages"])["execution_error"]
+    assert (error["exception_type"], error["exception_message"]) == ("RuntimeError", "stand-in flaky failure")
+    assert run("fl/[[flaky]]a")["status"]["status_str"] == "success"
+    assert run("fl/[[flaky]]b")["status"]["status_str"] == "error"  # another text: fails once too
+    comfy.restart(0.05, wait=True)
+    sock = Sock(comfy, sock.client_id)
+    assert run("fl/[[flaky]]a")["status"]["status_str"] == "success"
+    assert run("fl/[[flaky]]b")["status"]["status_str"] == "success"
+    sock.close()
+
+
+def test_records_of_executions_interrupts_and_deletes(comfy):
+    sock = Sock(comfy, uuid.uuid4().hex)
+    for _ in range(2):
+        submit(comfy, image_prompt("rc/x"), sock.client_id, prompt_id="same")
+        sock.until_done("same")
+    hung = submit(comfy, image_prompt("rc/[[hang]]"), sock.client_id)
+    pending = submit(comfy, image_prompt("rc/p"), sock.client_id)
+    wait_for(lambda: comfy.queue_snapshot()["queue_running"])
+    requests.post(f"{comfy.url}/queue", json={"delete": [pending, "unknown"]}, timeout=5)
+    requests.post(f"{comfy.url}/interrupt", json={"prompt_id": "not-running"}, timeout=5)
+    requests.post(f"{comfy.url}/interrupt", timeout=5)
+    sock.until_done(hung)
+    assert comfy.executions_per_prompt_id == {"same": 2, hung: 1}
+    assert comfy.interrupts == ["not-running", None]
+    assert comfy.deletes == [pending, "unknown"]
+    comfy.reset_counters()
+    assert not comfy.executions_per_prompt_id and comfy.interrupts == [] and comfy.deletes == []
+    sock.close()
+
+
+def test_latency_knob_and_padded_outputs(comfy):
+    comfy.request_latency_s = 0.2
+    started = time.monotonic()
+    assert requests.get(f"{comfy.url}/queue", timeout=5).status_code == 200
+    assert time.monotonic() - started >= 0.19
+    comfy.request_latency_s = 0
+    comfy.output_size_bytes = 10000
+    sock = Sock(comfy, uuid.uuid4().hex)
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 2, "color": 1}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "pad/png"}},
+        "3": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "pad/webp",
+                                                           "fps": 6.0, "lossless": True, "quality": 80,
+                                                           "method": "default"}},
+        "4": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 8.0}},
+        "5": {"class_type": "SaveVideo", "inputs": {"video": ["4", 0], "filename_prefix": "pad/mp4",
+                                                    "format": "auto", "codec": "auto"}},
+    }
+    pid = submit(comfy, prompt, sock.client_id)
+    sock.until_done(pid)
+    outputs = history(comfy, pid)[pid]["outputs"]
+    files = {nid: requests.get(f"{comfy.url}/view", params=out["images"][0], timeout=5).content
+             for nid, out in outputs.items()}
+    assert all(len(data) >= 10000 for data in files.values())
+    assert b"stDn" in [kind for kind, _ in png_chunks(files["2"])]
+    webp = files["3"]
+    assert webp[:4] == b"RIFF" and webp[8:12] == b"WEBP" and struct.unpack("<I", webp[4:8])[0] == len(webp) - 8
+    assert files["5"][4:8] == b"ftyp"
+    comfy.clear_faults()
+    assert comfy.output_size_bytes == 0 and comfy.request_latency_s == 0
+    sock.close()

@@ -25,9 +25,11 @@ OBJECT_INFO = Path("/work/shared/comfyui-transcripts/object_info_subset.json")
 
 PARAMS = {
     "prompt": "a red fox in the snow",
+    "slug": "a red fox in the snow",
     "negative_prompt": "blurry",
     "seed": 1234,
     "character": "fox",
+    "character_slug": "fox",
     "index": 3,
     "variant": 1,
 }
@@ -599,14 +601,22 @@ def test_seed_mode_is_str_enum():
 
 @pytest.mark.parametrize("name", ["smoke_image.json", "smoke_video.json", "sd15_txt2img.json"])
 def test_examples_load_and_render(name):
+    from tasks.generate import workflow_params
+    from tasks.models import GenerationSettings, GenerationSpec
+
     wf = load_workflow_file(EXAMPLES / name)
-    assert wf.binds("prompt")
-    out = wf.render({**PARAMS, "prompt": "a {braced} café description"})
+    assert wf.binds("slug")
+    spec = GenerationSpec(index=3, variant=1, description="a {braced} café... description/x", seed=7,
+                          prompt_id="p", position=1, total=1)
+    settings = GenerationSettings(character="Fox/Den", output_dir="o", descriptions=4, variants=2)
+    out = wf.render(workflow_params(spec, settings))
     assert "comfy_pipeline" not in out
     save = next(n for n in out.values() if n["class_type"].startswith("Save"))
     prefix = save["inputs"]["filename_prefix"]
-    assert prefix.endswith("fox_d3_v1_a {braced} café description")
-    assert "/" in prefix
+    # the description is visible in the server's file name, made safe for it (no '..', no '/')
+    folder, _, base = prefix.partition("/")
+    assert base == "Fox-Den_d3_v1_a -braced- café. description-x"
+    assert ".." not in prefix and "/" not in base
     assert json.loads(json.dumps(out)) == out
 
 
