@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from tests.standin import StandInComfyUI
@@ -15,10 +16,13 @@ EXAMPLES = ROOT / "examples" / "workflows"
 
 
 @pytest.fixture(scope="session")
-def prefect_api():
-    """Prefect's own temporary API server for the whole session (flows, artifacts, logs)."""
+def prefect_api(tmp_path_factory):
+    """Prefect's own temporary API server for the whole session (flows, artifacts, logs),
+    with task results persisted under a temporary folder."""
+    storage = tmp_path_factory.mktemp("prefect-results")
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+            yield
 
 
 @pytest.fixture

@@ -249,3 +249,40 @@ def test_queue_timeout_removes_the_pending_prompt_and_leaves_others_alone(comfy)
         conn.cancel_prompt(blocker)
         with pytest.raises(ExecutionInterrupted):
             conn.wait(blocker, timeout_s=5)
+
+
+def test_garbage_and_huge_frames_are_skipped_and_every_prompt_completes(comfy):
+    comfy.send_garbage(every_n=2)
+    with ComfyUIServer(url=comfy.url).connect() as conn:
+        comfy.send_huge_binary(8 * 1024 * 1024)
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda i: conn.run_prompt(image_prompt(f"g/p{i}")), range(4)))
+        assert conn.stats.malformed_frames >= 2 and conn.is_open
+    assert all(refs for _, refs in results)
+
+
+def test_a_flapping_websocket_backs_off_and_deadlines_still_hold(comfy):
+    comfy.close_ws_after(0, times=0)  # every socket is cut as soon as it opens
+    conn = ComfyUIServer(url=comfy.url, queue_timeout_s=2.0, idle_timeout_s=0.5).connect()
+    try:
+        pid = conn.submit(image_prompt("flap/[[hang]]"))
+        started = time.monotonic()
+        with pytest.raises((GenerationTimeout, ConnectionLost)):
+            conn.wait(pid, timeout_s=2.0)
+        assert time.monotonic() - started < 8
+        assert conn.stats.reconnects < 30  # backed off, not hundreds per second
+    finally:
+        conn.close()
+
+
+def test_close_while_reconnecting_leaves_no_socket_open(comfy):
+    conn = ComfyUIServer(url=comfy.url).connect()
+    comfy.request_latency_s = 1.5  # the reconnect handshake will be slow
+    comfy.close_ws_after(0, times=1)
+    time.sleep(0.5)  # the reader is now inside the slow handshake
+    conn.close()
+    deadline = time.monotonic() + 5
+    while comfy.ws_open_now and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert comfy.ws_open_now == 0
+    assert not conn.is_open

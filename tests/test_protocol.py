@@ -171,3 +171,25 @@ def test_frames_that_are_not_messages_are_rejected_not_raised():
     assert parse_text_frame('{"type": "status"}') == {"type": "status", "data": {}}
     assert binary_event_type(struct.pack(">II", 1, 2) + b"\x89PNG") == 1
     assert binary_event_type(b"\x00") is None
+
+
+def test_odd_shapes_inside_known_messages_are_tolerated():
+    from blocks.protocol import queue_remaining_of
+
+    assert queue_remaining_of({"type": "status", "data": {"status": "busy"}}) is None
+    assert queue_remaining_of({"type": "status", "data": {"status": {"exec_info": [1]}}}) is None
+    assert queue_remaining_of({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 2}}}}) == 2
+    assert parse_text_frame("[" * 100000) is None  # deep nesting: RecursionError inside json
+    tracker = PromptTracker("p")
+    tracker.feed({"type": "execution_cached", "data": {"prompt_id": "p", "nodes": 5}})
+    (event,) = tracker.feed({"type": "progress", "data": {"prompt_id": "p", "value": "3", "max": "8", "node": "1"}})
+    assert event.value is None and event.max is None
+    tracker.feed({"type": "executed", "data": {"prompt_id": "p", "node": "2", "output": ["x"]}})
+    assert tracker.outputs == {"2": {}}
+
+
+def test_validation_error_from_older_servers_string_error_and_list_node_errors():
+    from blocks.errors import PromptValidationError
+
+    err = PromptValidationError("no prompt", [])
+    assert "no prompt" in str(err) and err.node_errors == {}

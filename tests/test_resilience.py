@@ -1,0 +1,221 @@
+"""The reliability matrix: the real flow (8 generations) against the stand-in with one fault each.
+
+Whatever the fault, afterwards: every generation either completed with the right files or
+failed with a named reason; no prompt_id was POSTed twice and none executed twice; the
+stand-in's queue holds none of our prompts; the WebSocket is closed; no reader thread is
+alive; no partial file exists. Nothing hangs (per-test timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.flow_engine import run_flow
+from prefect.states import Scheduled
+
+from blocks.server import ComfyUIServer
+from flows.generate_content import generate_content
+from tests.conftest import EXAMPLES
+
+pytestmark = [pytest.mark.usefixtures("prefect_api", "no_leaked_threads"), pytest.mark.timeout(90)]
+
+# The description goes verbatim into a STRING input here, so the stand-in's markers work.
+WORKFLOW = str(EXAMPLES / "sd15_txt2img.json")
+DESCRIPTIONS = ["a red fox", "a blue bird", "a green frog", "a gold fish"]
+SERVER = dict(connect_timeout_s=2, generation_timeout_s=5, queue_timeout_s=30,
+              idle_timeout_s=0.5, reconnect_timeout_s=10)
+
+
+def run(comfy, tmp_path, descriptions=DESCRIPTIONS, *, server=None, retries=2, flow=generate_content, **kw):
+    return flow(
+        server=ComfyUIServer(url=comfy.url, **{**SERVER, **(server or {})}),
+        workflow=WORKFLOW,
+        descriptions=descriptions,
+        variants=kw.pop("variants", 2),
+        character="rel",
+        output_dir=str(tmp_path / "out"),
+        retries=retries,
+        retry_delay_s=0.05,
+        return_state=True,
+        **kw,
+    )
+
+
+def table_of(state) -> list[dict]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    tables = sorted((a for a in found if a.type == "table"), key=lambda a: a.created)
+    data = tables[-1].data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def summary_of(state) -> str:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return sorted((a for a in found if a.type == "markdown"), key=lambda a: a.created)[-1].data
+
+
+def check_invariants(state, comfy, tmp_path, *, failed: dict[int, str] | None = None, queue_check=True):
+    """``failed``: {index: error type prefix} of descriptions expected to fail (all variants)."""
+    failed = failed or {}
+    rows = table_of(state)
+    assert len(rows) == 8
+    for row in rows:
+        if row["index"] in failed:
+            assert row["status"] == "failed", row
+            assert row["error"].startswith(failed[row["index"]]), row["error"]
+            continue
+        assert row["status"] in ("completed", "cached"), row
+        for path in row["files"].split(", "):
+            data = Path(path).read_bytes()
+            assert row["prompt_id"].encode() in data  # the file came from this generation's prompt
+            assert data in comfy.files.values()
+    assert state.is_completed() == (not failed)
+    # exactly-once: no prompt_id posted twice, none executed twice
+    assert set(comfy.posts_per_prompt_id.values()) <= {1}
+    assert set(comfy.executions_per_prompt_id.values()) <= {1}
+    if queue_check:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and comfy.queue_snapshot() != {"queue_running": [], "queue_pending": []}:
+            time.sleep(0.05)
+        assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
+    deadline = time.monotonic() + 5
+    while comfy.ws_open_now and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert comfy.ws_open_now == 0
+    assert not list((tmp_path / "out").rglob("*.part"))
+    return rows
+
+
+def _later(seconds, fn, *args):
+    timer = threading.Timer(seconds, fn, args)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _posts(comfy) -> int:
+    return comfy.requests[("POST", "/prompt")]
+
+
+# name: (inject the fault, evidence that it really happened and was handled as designed)
+FAULTS = {
+    "websocket closed once": (
+        lambda c: c.close_ws_after(12, times=1),
+        lambda c, summary: "| reconnects | 0 |" not in summary and _posts(c) == 8),
+    "websocket closed repeatedly": (
+        lambda c: c.close_ws_after(15, times=0),
+        lambda c, summary: "| reconnects | 0 |" not in summary and "| reconnects | 1 |" not in summary),
+    "server restarts mid-run": (
+        lambda c: _later(1.0, c.restart, 1.0),
+        # prompts lost with the server's memory were submitted again under new prompt_ids
+        lambda c, summary: "| reconnects | 0 |" not in summary and _posts(c) > 8),
+    "POST /prompt answers 500 three times": (
+        lambda c: c.fail_prompt_posts(3, status=500),
+        lambda c, summary: _posts(c) == 8 + 3),
+    "POST accepted but the answer is lost": (
+        lambda c: c.drop_prompt_posts(2),
+        lambda c, summary: _posts(c) == 8),  # found on the server, not posted again
+    "truncated /view": (
+        lambda c: c.truncate_views(3),
+        lambda c, summary: c.requests[("GET", "/view")] == 8 + 3),
+    "slow /view": (
+        lambda c: c.delay_views(0.2),
+        lambda c, summary: c.requests[("GET", "/view")] == 8),
+    "malformed and huge frames": (
+        lambda c: (c.send_garbage(every_n=2), _later(0.5, c.send_huge_binary, 4 << 20)),
+        lambda c, summary: _posts(c) == 8 and "| reconnects | 0 |" in summary),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_transient_fault_every_generation_completes_exactly_once(fault, comfy, tmp_path):
+    inject, evidence = FAULTS[fault]
+    comfy.execution_time_s = 0.25
+    comfy.progress_steps = 2
+    inject(comfy)
+    state = run(comfy, tmp_path)
+    check_invariants(state, comfy, tmp_path)
+    assert evidence(comfy, summary_of(state))
+
+
+def test_long_silent_node_is_waited_for_by_asking_the_server(comfy, tmp_path):
+    comfy.execution_time_s = 0.05
+    state = run(comfy, tmp_path, ["quiet [[silent=2]]", "b", "c", "d"])
+    check_invariants(state, comfy, tmp_path)
+
+
+def test_node_errors_fail_at_once_and_are_not_retried(comfy, tmp_path):
+    comfy.execution_time_s = 0.05
+    state = run(comfy, tmp_path, ["ok", "broken [[fail]]", "fine", "also fine"])
+    check_invariants(state, comfy, tmp_path, failed={1: "NodeExecutionError"})
+    assert state.message == "2 of 8 generations failed"
+    assert comfy.requests[("POST", "/prompt")] == 8  # no retry of a permanent failure
+
+
+def test_a_stall_past_the_deadline_is_retried_then_fails_and_leaves_the_queue_clean(comfy, tmp_path):
+    comfy.execution_time_s = 0.05
+    state = run(comfy, tmp_path, ["ok", "stuck [[hang]]", "fine", "also fine"],
+                server={"generation_timeout_s": 1.0}, retries=1)
+    check_invariants(state, comfy, tmp_path, failed={1: "GenerationTimeout"})
+    assert comfy.requests[("POST", "/prompt")] == 8 + 2  # each stalled generation tried twice
+
+
+def test_server_gone_for_good_fails_the_rest_with_a_named_reason(comfy, tmp_path):
+    comfy.execution_time_s = 0.3
+    _later(1.0, comfy.stop)
+    state = run(comfy, tmp_path, server={"reconnect_timeout_s": 2}, retries=1)
+    rows = table_of(state)
+    assert state.is_failed()
+    done = [r for r in rows if r["status"] == "completed"]
+    lost = [r for r in rows if r["status"] == "failed"]
+    assert done and lost
+    assert all(r["error"].split(":")[0] in ("ConnectionLost", "ServerUnreachable") for r in lost)
+    assert all(Path(p).is_file() for r in done for p in r["files"].split(", "))
+    assert set(comfy.posts_per_prompt_id.values()) <= {1}
+
+
+def test_flow_run_retry_redoes_only_the_failed_generations(comfy, tmp_path):
+    """As the Prefect UI's Retry / ``prefect flow-run retry`` do: the same flow run runs again."""
+    comfy.execution_time_s = 0.05
+    descriptions = ["one", "two [[flaky]] a", "three", "four [[flaky]] b", "five", "six", "seven [[flaky]] c",
+                    "eight"]
+    params = dict(server=ComfyUIServer(url=comfy.url, **SERVER), workflow=WORKFLOW, descriptions=descriptions,
+                  character="rel", output_dir=str(tmp_path / "out"), retries=0)
+    first = generate_content(**params, return_state=True)
+    assert first.is_failed() and first.message == "3 of 8 generations failed"
+    assert comfy.requests[("POST", "/prompt")] == 8
+    rows = {r["index"]: r for r in table_of(first)}
+    deleted = Path(rows[0]["files"])
+    deleted.unlink()  # a completed generation whose file is gone runs again
+
+    flow_run_id = first.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Scheduled(message="retry"), force=True)
+        flow_run = client.read_flow_run(flow_run_id)
+    second = run_flow(generate_content, flow_run=flow_run, parameters=params, return_type="state")
+
+    assert second.is_completed(), second.message
+    assert comfy.requests[("POST", "/prompt")] == 8 + 3  # only the three failed ones were sent again
+    assert set(comfy.posts_per_prompt_id.values()) == {1}
+    assert deleted.is_file()  # fetched again (from the earlier prompt's outputs, not re-generated)
+    assert {r["status"] for r in table_of(second)} <= {"completed", "cached"}
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 8
+
+
+def test_in_process_flow_retries_rerun_only_the_failures(comfy, tmp_path):
+    comfy.execution_time_s = 0.05
+    descriptions = ["one", "two [[flaky]] x", "three", "four"]
+    flow = generate_content.with_options(retries=1, retry_delay_seconds=0)
+    state = run(comfy, tmp_path, descriptions, retries=0, flow=flow)
+    assert state.is_completed(), state.message
+    # the flaky text fails only the first time it runs: one of its two variants, retried once
+    assert comfy.requests[("POST", "/prompt")] == 8 + 1
