@@ -308,7 +308,10 @@ class ComfyUIConnection:
                 self._reader.join(timeout=2.0)
             self._shutdown_socket(ws)
         if self._reader is not None:
-            self._reader.join(timeout=5.0)
+            # A reconnect handshake in progress cannot be interrupted; it ends within connect_timeout_s.
+            self._reader.join(timeout=self.connect_timeout_s + 2.0)
+            if self._reader.is_alive():
+                logger.error("the WebSocket reader for %s did not stop", self.url)
         self._wake_all("the connection was closed")
         self.http.close()
 
