@@ -219,3 +219,40 @@ def test_in_process_flow_retries_rerun_only_the_failures(comfy, tmp_path):
     assert state.is_completed(), state.message
     # the flaky text fails only the first time it runs: one of its two variants, retried once
     assert comfy.requests[("POST", "/prompt")] == 8 + 1
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_interrupting_the_process_removes_our_prompts_from_the_server(signal_name, comfy, tmp_path):
+    """Ctrl-C on the CLI, or a worker killing the flow run's process on cancellation."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--server", comfy.url, "--workflow", WORKFLOW,
+         "--description", "long [[hang]]", "--description", "queued behind it", "--output-dir",
+         str(tmp_path / "out")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(comfy.posts_per_prompt_id) < 2:
+            time.sleep(0.1)
+        assert len(comfy.posts_per_prompt_id) == 2, "the run never submitted its prompts"
+        ours = set(comfy.posts_per_prompt_id)
+        proc.send_signal(getattr(signal, signal_name))
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}, output[-2000:]
+    assert None not in comfy.interrupts  # never a global /interrupt
+    assert set(comfy.interrupts) | set(comfy.deletes) == ours  # the running one interrupted, the other deleted
+    assert comfy.ws_open_now == 0
