@@ -295,8 +295,7 @@ class ComfyUIConnection:
                            len(in_flight), self.url)
             self._wake_all("the connection was closed (the flow run ended or was cancelled) and the "
                            "prompt was removed from the server")
-            for prompt_id in in_flight:
-                self.cancel_prompt(prompt_id)
+            self.cancel_prompts(in_flight)
         self._closing.set()
         ws = self._ws
         if ws is not None:
@@ -749,19 +748,26 @@ class ComfyUIConnection:
             return list(self._waiters)
 
     def cancel_prompt(self, prompt_id: str) -> None:
-        """Remove one prompt of ours from the server, never touching anyone else's.
+        """Remove one prompt of ours from the server (see :meth:`cancel_prompts`)."""
+        self.cancel_prompts([prompt_id])
 
-        ``POST /queue {"delete": [id]}`` if it is pending, ``POST /interrupt {"prompt_id": id}``
-        if it is running. Failures are logged, not raised (this runs on error paths).
+    def cancel_prompts(self, prompt_ids: Iterable[str]) -> None:
+        """Remove prompts of ours from the server, never touching anyone else's.
+
+        Pending ones first (``POST /queue {"delete": [...]}``), so none of them starts while
+        the running one is stopped; then ``POST /interrupt {"prompt_id": id}`` for one that is
+        running (never a bare global interrupt). Failures are logged, not raised (this runs on
+        error paths).
         """
+        ours = set(prompt_ids)
         try:
             running, pending = self.http.queue_ids()
-            if prompt_id in pending:
+            for prompt_id in sorted(ours & pending):
                 self.http.delete_pending(prompt_id)
-            if prompt_id in running:
+            for prompt_id in sorted(ours & running):
                 self.http.interrupt(prompt_id)
         except ComfyUIError as exc:
-            logger.warning("could not remove prompt %s from %s: %s", prompt_id, self.url, exc)
+            logger.warning("could not remove prompt(s) %s from %s: %s", ", ".join(sorted(ours)), self.url, exc)
 
     def wait_for_history(self, prompt_id: str, *, within_s: float = 5.0) -> dict:
         """``GET /history/{prompt_id}``, retried for up to ``within_s`` seconds.
