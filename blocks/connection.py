@@ -187,6 +187,11 @@ class ComfyUIConnection:
         reconnect_timeout_s: seconds to keep trying to reconnect a dropped WebSocket.
         lost_after_polls: consecutive checks that find a prompt nowhere before :class:`PromptLost`.
         http_timeout_s: seconds allowed for one HTTP response (read timeout).
+        max_in_flight: prompts of ours submitted and not finished at once (2: one running, one
+            waiting in ComfyUI's queue, so the GPU never idles between prompts and a cancel stays
+            cheap); more callers wait for a slot before they submit.
+        slot_condition: a condition shared by the connections of a pool, so one waiter can wait
+            for a free slot on any of them.
     """
 
     def __init__(
@@ -202,6 +207,8 @@ class ComfyUIConnection:
         reconnect_timeout_s: float = 120.0,
         lost_after_polls: int = 3,
         http_timeout_s: float = 60.0,
+        max_in_flight: int = 2,
+        slot_condition: Optional[threading.Condition] = None,
     ):
         self.url = url.rstrip("/")
         self.client_id = uuid.uuid4().hex
@@ -226,6 +233,11 @@ class ComfyUIConnection:
         self._dropped_reason: Optional[str] = None  # set while the WebSocket is down
         self._connected_at = 0.0
         self._backoff_s = 0.0
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.max_in_flight = max_in_flight
+        self._slots_taken = 0
+        self._slot_cond = slot_condition or threading.Condition()
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -479,9 +491,50 @@ class ComfyUIConnection:
         return self.http.download(ref, dest)
 
     # ----------------------------------------------------------------- prompts
-    def _register(self, prompt_id: str, prompt: Optional[Mapping[str, Any]]) -> _Waiter:
-        if self._closed or self._dead_reason is not None:
+    # ----------------------------------------------------------------- in-flight slots
+    @property
+    def usable(self) -> bool:
+        """Open and not given up on (it may be reconnecting)."""
+        return not self._closed and self._dead_reason is None
+
+    @property
+    def connected(self) -> bool:
+        """The WebSocket is up right now."""
+        return self.usable and self._dropped_reason is None
+
+    @property
+    def free_slots(self) -> int:
+        """How many more prompts may be in flight now (``max_in_flight`` minus those in flight)."""
+        return self.max_in_flight - self._slots_taken
+
+    def reserve_slot(self, *, block: bool = True) -> bool:
+        """Take one of the ``max_in_flight`` slots, waiting for one if ``block``.
+
+        Raises:
+            ConnectionLost: the connection closed or died while waiting.
+        """
+        with self._slot_cond:
+            while self._slots_taken >= self.max_in_flight:
+                if not self.usable:
+                    raise ConnectionLost(self.url, self._dead_reason or "the connection is closed")
+                if not block:
+                    return False
+                self._slot_cond.wait(0.5)
+            self._slots_taken += 1
+            return True
+
+    def _release_slot(self) -> None:
+        with self._slot_cond:
+            self._slots_taken -= 1
+            self._slot_cond.notify_all()
+
+    def _register(self, prompt_id: str, prompt: Optional[Mapping[str, Any]], *, reserved: bool = False) -> _Waiter:
+        if not self.usable:
+            if reserved:
+                self._release_slot()
             raise ConnectionLost(self.url, self._dead_reason or "the connection is closed")
+        if not reserved:
+            self.reserve_slot()
         node_types = {str(k): v.get("class_type") for k, v in (prompt or {}).items() if isinstance(v, Mapping)}
         waiter = _Waiter(PromptTracker(prompt_id, node_types), time.monotonic())
         with self._lock:
@@ -494,6 +547,7 @@ class ComfyUIConnection:
         *,
         prompt_id: Optional[str] = None,
         extra_data: Optional[Mapping[str, Any]] = None,
+        reserved: bool = False,
     ) -> str:
         """``POST /prompt`` with this connection's ``client_id`` and a client-chosen ``prompt_id``.
 
@@ -510,7 +564,7 @@ class ComfyUIConnection:
             ServerUnreachable / ConnectionLost: the server or the connection is gone.
         """
         prompt_id = prompt_id or str(uuid.uuid4())
-        self._register(prompt_id, prompt)
+        self._register(prompt_id, prompt, reserved=reserved)
         body: dict[str, Any] = {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id}
         if extra_data:
             body["extra_data"] = dict(extra_data)
@@ -570,13 +624,13 @@ class ComfyUIConnection:
         ok = (entry.get("status") or {}).get("status_str", "success") == "success"
         return ("succeeded" if ok else "failed"), entry
 
-    def attach(self, prompt_id: str, prompt: Optional[Mapping[str, Any]] = None) -> str:
+    def attach(self, prompt_id: str, prompt: Optional[Mapping[str, Any]] = None, *, reserved: bool = False) -> str:
         """Follow a prompt that is already on the server (submitted earlier, maybe by a lost attempt).
 
         Registers a waiter and has it reconcile with the server at once, so a prompt that
         already finished completes from history. Returns ``prompt_id``.
         """
-        waiter = self._register(prompt_id, prompt)
+        waiter = self._register(prompt_id, prompt, reserved=reserved)
         waiter.inbox.put(_Reconcile())
         self.stats.prompts_attached += 1
         return prompt_id
@@ -740,7 +794,9 @@ class ComfyUIConnection:
 
     def _forget(self, prompt_id: str) -> None:
         with self._lock:
-            self._waiters.pop(prompt_id, None)
+            waiter = self._waiters.pop(prompt_id, None)
+        if waiter is not None:
+            self._release_slot()
 
     def in_flight(self) -> list[str]:
         """The prompt ids this connection is waiting for now."""
@@ -802,8 +858,12 @@ class ComfyUIConnection:
         on_event: Optional[EventCallback] = None,
         heartbeat_s: float = 30.0,
         output_types: Optional[tuple[str, ...]] = ("output",),
+        reserved: bool = False,
     ) -> tuple[PromptOutcome, list[OutputRef]]:
         """Submit (or, with ``attach``, follow an existing ``prompt_id``), wait, list outputs.
+
+        ``reserved``: the caller already holds one of this connection's in-flight slots
+        (:meth:`reserve_slot`); it is given back when the prompt finishes.
 
         Returns:
             ``(outcome, refs)``: timings and the files to download with :meth:`download`.
@@ -814,9 +874,9 @@ class ComfyUIConnection:
         if attach:
             if prompt_id is None:
                 raise ValueError("attach needs the prompt_id to follow")
-            self.attach(prompt_id, prompt)
+            self.attach(prompt_id, prompt, reserved=reserved)
         else:
-            prompt_id = self.submit(prompt, prompt_id=prompt_id)
+            prompt_id = self.submit(prompt, prompt_id=prompt_id, reserved=reserved)
         outcome = self.wait(prompt_id, timeout_s=timeout_s, on_event=on_event, heartbeat_s=heartbeat_s)
         entry = self.wait_for_history(prompt_id)
         return outcome, outputs_from_history(entry, output_types)

@@ -72,6 +72,12 @@ class ComfyUIServer(Block):
         gt=0,
         description="Seconds without a message for a generation before asking the server about it.",
     )
+    max_in_flight: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Prompts in flight on this server at once (2: one running, the next already queued).",
+    )
     reconnect_timeout_s: float = Field(
         default=120.0,
         gt=0,
@@ -99,7 +105,7 @@ class ComfyUIServer(Block):
         """The WebSocket URL for ``client_id``: ``ws(s)://host/ws?clientId=<client_id>``."""
         return ws_url_for(self.url, client_id)
 
-    def connect(self) -> ComfyUIConnection:
+    def connect(self, *, slot_condition=None) -> ComfyUIConnection:
         """Open one connection: ``GET /system_stats``, then ``/ws?clientId=<uuid4>``.
 
         Returns:
@@ -119,5 +125,37 @@ class ComfyUIServer(Block):
             queue_timeout_s=self.queue_timeout_s,
             idle_timeout_s=self.idle_timeout_s,
             reconnect_timeout_s=self.reconnect_timeout_s,
+            max_in_flight=self.max_in_flight,
+            slot_condition=slot_condition,
         )
         return connection.open()
+
+
+class ComfyUIServerPool(Block):
+    """Several ComfyUI servers used together by one flow run (one connection each).
+
+    Each generation goes to the server with the most free capacity; a server that fails at
+    connect or dies mid-run is taken out of rotation and its work goes to the others.
+
+    Example:
+        ```python
+        from blocks.server import ComfyUIServerPool
+
+        pool = ComfyUIServerPool.load("BLOCK_NAME")
+        print([server.url for server in pool.servers])
+        ```
+    """
+
+    _block_type_name = "ComfyUI Server Pool"
+    _block_type_slug = "comfyui-server-pool"
+    _description = "Several ComfyUI servers (GPUs) that share the generations of a flow run."
+    _documentation_url = "https://docs.comfy.org/development/comfyui-server/comms_routes"
+
+    servers: list[ComfyUIServer] = Field(
+        ..., min_length=1, description="The servers; each keeps its own settings and timeouts."
+    )
+
+    @property
+    def url(self) -> str:
+        """The servers' URLs, comma-separated (for logs and the report)."""
+        return ", ".join(server.url for server in self.servers)

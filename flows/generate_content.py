@@ -27,7 +27,8 @@ from prefect.tasks import exponential_backoff
 from pydantic import Field
 
 from blocks.errors import ComfyUIError, WorkflowError
-from blocks.server import ComfyUIServer
+from blocks.pool import ConnectionPool
+from blocks.server import ComfyUIServer, ComfyUIServerPool
 from blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed
 from tasks.generate import generate
 from tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
@@ -118,7 +119,7 @@ def _load_workflow(workflow: Union[ComfyUIWorkflow, str]) -> ComfyUIWorkflow:
     log_prints=True,
 )
 def generate_content(
-    server: ComfyUIServer,
+    server: Union[ComfyUIServer, ComfyUIServerPool],
     workflow: Union[ComfyUIWorkflow, str],
     descriptions: Annotated[list[str], Field(min_length=1)],
     kind: Kind = "image",
@@ -135,7 +136,8 @@ def generate_content(
     """Generate ``variants`` images or videos for each description over ONE ComfyUI connection.
 
     Args:
-        server: the ComfyUI server block (saved block in the UI, or an instance).
+        server: the ComfyUI Server block, or a ComfyUI Server Pool block to spread the work
+            over several servers (saved blocks in the UI, or instances).
         workflow: an API-format workflow JSON path (bindings in the file or a
             ``.bindings.json`` sidecar), or a saved ComfyUI Workflow block.
         descriptions: the text descriptions; each becomes ``variants`` generations.
@@ -191,14 +193,15 @@ def generate_content(
     logger.info("%d %s generation(s) for %s: %d description(s) x %d variant(s) on %s",
                 len(specs), kind, character, len(descriptions), variants, server.url)
     try:
-        connection = server.connect()
+        connection = ConnectionPool.open(server)
     except ComfyUIError as exc:
         logger.error("%s", exc)
         facts.fatal_error = f"{type(exc).__name__}: {exc}"
         _write_report(logger, specs, outcomes, facts, began)
         return Failed(data=exc, message=str(exc))
 
-    facts.client_id = connection.client_id
+    facts.client_id = ", ".join(c.client_id for c in connection.connections)
+    facts.notes += [f"Server {url} was left out: {why}" for url, why in connection.unreachable.items()]
     try:
         _run_all(task, connection, template, specs, settings, outcomes, progress)
         # A result that came back from an earlier attempt of this flow run whose files were
@@ -212,8 +215,9 @@ def generate_content(
     finally:
         # Also on failure or cancellation: prompts still in flight are removed from the server.
         connection.close()
-        facts.connections_opened = connection.stats.connections_opened
-        facts.reconnects = connection.stats.reconnects
+        facts.connections_opened = sum(st.connections_opened for st in connection.stats().values())
+        facts.reconnects = sum(st.reconnects for st in connection.stats().values())
+        facts.servers = connection.urls
         _write_report(logger, specs, outcomes, facts, began)
 
     results = [o for o in (outcomes.get(s.position) for s in specs) if isinstance(o, GenerationResult)]

@@ -21,6 +21,7 @@ from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import DEFAULT
 
 from blocks.connection import ComfyUIConnection, PromptOutcome
+from blocks.pool import ConnectionPool
 from blocks.errors import (
     ConnectionLost,
     GenerationTimeout,
@@ -133,19 +134,19 @@ def earlier_prompt_ids(base: str, flow_attempt: int, task_attempt: int, attempts
 
 
 def _run_or_reattach(
-    connection: ComfyUIConnection, prompt: dict, spec: GenerationSpec, settings: GenerationSettings,
+    connection: ConnectionPool, prompt: dict, spec: GenerationSpec, settings: GenerationSettings,
     progress: "_ProgressLog",
-) -> tuple[PromptOutcome, list[OutputRef]]:
+) -> tuple[PromptOutcome, list[OutputRef], ComfyUIConnection]:
     flow_attempt = max(1, runtime.flow_run.run_count or 1)
     task_attempt = max(1, runtime.task_run.run_count or 1)
     options = dict(on_event=progress, heartbeat_s=settings.heartbeat_s,
                    output_types=tuple(settings.output_types))
     for earlier in earlier_prompt_ids(spec.prompt_id, flow_attempt, task_attempt, settings.retries + 1):
-        status, _ = connection.prompt_status(earlier)
-        if status in ("pending", "running", "succeeded"):
-            progress.logger.info("%s: prompt %s of an earlier attempt is %s on the server; following it "
-                                 "instead of submitting again", progress.prefix, earlier, status)
-            return connection.run_prompt(prompt, prompt_id=earlier, attach=True, **options)
+        status, holder = connection.prompt_status(earlier)
+        if holder is not None and status in ("pending", "running", "succeeded"):
+            progress.logger.info("%s: prompt %s of an earlier attempt is %s on %s; following it "
+                                 "instead of submitting again", progress.prefix, earlier, status, holder.url)
+            return connection.run_prompt(prompt, prompt_id=earlier, on=holder, attach=True, **options)
     current = attempt_prompt_id(spec.prompt_id, flow_attempt, task_attempt)
     return connection.run_prompt(prompt, prompt_id=current, **options)
 
@@ -162,7 +163,7 @@ def _run_or_reattach(
     retry_jitter_factor=0.5,
 )
 def generate(
-    connection: ComfyUIConnection,
+    connection: ConnectionPool,
     workflow: ComfyUIWorkflow,
     spec: GenerationSpec,
     settings: GenerationSettings,
@@ -170,7 +171,8 @@ def generate(
     """Run one generation on the shared connection and save its files.
 
     Args:
-        connection: the flow run's open connection (pass it with ``unmapped(...)``).
+        connection: the flow run's open connections (a :class:`ConnectionPool`, one connection
+            per server; pass it with ``unmapped(...)``).
         workflow: the workflow template and its bindings.
         spec: which description and variant, the seed and the client-chosen ``prompt_id``.
         settings: what all generations of the run share (kind, character, output_dir...).
@@ -190,7 +192,7 @@ def generate(
     began = time.monotonic()
     progress = _ProgressLog(logger, spec, settings)
     prompt = workflow.render(workflow_params(spec, settings))
-    outcome, refs = _run_or_reattach(connection, prompt, spec, settings, progress)
+    outcome, refs, server = _run_or_reattach(connection, prompt, spec, settings, progress)
 
     if not refs:
         raise OutputError(
@@ -206,7 +208,7 @@ def generate(
         directory = output_subdir(output_dir, ref.subfolder)
         name = planned_name(settings.character, spec.index, spec.variant, ref,
                             number if len(refs) > 1 else None)
-        path, size = connection.download(ref, candidate_paths(directory, name))
+        path, size = server.download(ref, candidate_paths(directory, name))
         if path.name != name:
             logger.warning("%s: %s already exists; writing %s instead", progress.prefix, directory / name, path.name)
         files.append(OutputFile(path=str(path), bytes=size, node_id=ref.node_id, key=ref.key,
@@ -226,6 +228,7 @@ def generate(
         variant=spec.variant,
         description=spec.description,
         prompt_id=outcome.prompt_id,
+        server=server.url,
         seed=spec.seed,
         status="cached" if outcome.cached else "completed",
         cached=outcome.cached,

@@ -70,6 +70,7 @@ class GenerationResult(BaseModel):
     variant: int
     description: str
     prompt_id: str
+    server: str = Field(default="", description="URL of the ComfyUI server that ran it.")
     seed: Optional[int]
     status: Literal["completed", "cached"]
     cached: bool

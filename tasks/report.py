@@ -58,6 +58,7 @@ def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome]) -> lis
             "variant": spec.variant,
             "status": "not run",
             "prompt_id": spec.prompt_id,
+            "server": "",
             "seed": spec.seed,
             "queued_s": None,
             "execution_s": None,
@@ -70,6 +71,7 @@ def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome]) -> lis
             row.update(
                 status=outcome.status,
                 prompt_id=outcome.prompt_id,
+                server=outcome.server,
                 queued_s=outcome.queued_s,
                 execution_s=outcome.execution_s,
                 download_s=outcome.download_s,
@@ -99,6 +101,7 @@ class RunFacts:
     connections_opened: int = 0
     reconnects: int = 0
     client_id: Optional[str] = None
+    servers: list[str] = field(default_factory=list)
     fatal_error: Optional[str] = None
     notes: list[str] = field(default_factory=list)
 
@@ -134,6 +137,12 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0) 
     ]
     if facts.client_id:
         lines.append(f"| client_id | `{facts.client_id}` |")
+    if len(facts.servers) > 1 or any(r["server"] for r in rows):
+        lines += ["", "## Servers", "", "| server | generations | busy (s) |", "|---|---|---|"]
+        for url in facts.servers or sorted({r["server"] for r in rows if r["server"]}):
+            mine = [r for r in rows if r["server"] == url]
+            busy = sum(r["execution_s"] or 0.0 for r in mine)
+            lines.append(f"| {url} | {len(mine)} | {busy:.1f} |")
     if facts.fatal_error:
         lines += ["", "## The run could not proceed", "", facts.fatal_error]
     failures = [r for r in rows if r["status"] == "failed"]

@@ -228,7 +228,7 @@ def test_previews_and_progress_are_skipped_without_harm(comfy):
 
 def test_time_waiting_in_the_queue_does_not_count_against_the_generation_timeout(comfy):
     comfy.execution_time_s = 0.5
-    with ComfyUIServer(url=comfy.url, generation_timeout_s=1.5).connect() as conn:
+    with ComfyUIServer(url=comfy.url, generation_timeout_s=1.5, max_in_flight=4).connect() as conn:
         # four 0.5 s prompts run one after another: the last waits 1.5 s in ComfyUI's queue
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda i: conn.run_prompt(image_prompt(f"q/p{i}")), range(4)))
@@ -286,3 +286,12 @@ def test_close_while_reconnecting_leaves_no_socket_open(comfy):
         time.sleep(0.05)
     assert comfy.ws_open_now == 0
     assert not conn.is_open
+
+
+def test_prompts_in_flight_never_exceed_max_in_flight(comfy):
+    comfy.execution_time_s = 0.1
+    with ComfyUIServer(url=comfy.url, max_in_flight=2).connect() as conn:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: conn.run_prompt(image_prompt(f"cap/p{i}")), range(8)))
+    assert all(refs for _, refs in results)
+    assert comfy.max_in_flight == 2  # one running, one queued: never more

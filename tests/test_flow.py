@@ -63,7 +63,7 @@ def test_eight_generations_share_one_websocket_and_land_on_disk(comfy, tmp_path)
     comfy.execution_time_s = 0.3
     comfy.progress_steps = 3
     descriptions = ["a red fox", "a blue bird", "a green frog", "a gold fish"]
-    state = run(comfy.url, tmp_path, descriptions, variants=2)
+    state = run(comfy.url, tmp_path, descriptions, variants=2, server_settings={"max_in_flight": 8})
     assert state.is_completed(), state.message
     results = state.result()
     assert len(results) == 8

@@ -1,0 +1,162 @@
+"""Several live ComfyUI connections behind one interface: the flow run's GPU pool.
+
+One connection per server, opened once per flow run. Each prompt goes to the live server
+with the most free in-flight slots (ties: the shorter ComfyUI queue from the last ``status``
+broadcast, then the one that has run fewest). A server that cannot be reached at open is
+left out; one whose connection dies mid-run stops getting work, and the generations that
+were on it fail with a transient error and are retried on the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+from .connection import ComfyUIConnection, PromptOutcome, PromptStatus
+from .errors import ComfyUIError, ConnectionLost, ServerError, ServerUnreachable
+from .protocol import OutputRef
+from .server import ComfyUIServer, ComfyUIServerPool
+
+logger = logging.getLogger("comfy_pipeline.pool")
+
+
+class ConnectionPool:
+    """The connections of one flow run; a context manager.
+
+    Args:
+        connections: open connections that share ``slot_condition`` (see :meth:`open`).
+        slot_condition: the condition their in-flight slots are guarded by.
+        unreachable: ``{url: reason}`` of servers that could not be opened.
+    """
+
+    def __init__(self, connections: Sequence[ComfyUIConnection], slot_condition: threading.Condition,
+                 unreachable: Optional[Mapping[str, str]] = None):
+        self.connections = list(connections)
+        self.unreachable = dict(unreachable or {})
+        self._cond = slot_condition
+        self._assigned: Counter = Counter()
+
+    @classmethod
+    def open(cls, server: Union[ComfyUIServer, ComfyUIServerPool, Iterable[ComfyUIServer]]) -> "ConnectionPool":
+        """Connect to every server; servers that fail are logged and left out.
+
+        Raises:
+            the first server's error (``ServerUnreachable``, ``AuthenticationFailed``) when no
+            server at all could be opened.
+        """
+        if isinstance(server, ComfyUIServer):
+            servers = [server]
+        elif isinstance(server, ComfyUIServerPool):
+            servers = list(server.servers)
+        else:
+            servers = list(server)
+        cond = threading.Condition()
+        connections, unreachable, first_error = [], {}, None
+        for block in servers:
+            try:
+                connections.append(block.connect(slot_condition=cond))
+            except ComfyUIError as exc:
+                first_error = first_error or exc
+                unreachable[block.url] = str(exc)
+                logger.error("left out of this run: %s", exc)
+        if not connections:
+            assert first_error is not None
+            raise first_error
+        return cls(connections, cond, unreachable)
+
+    def __enter__(self) -> "ConnectionPool":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __deepcopy__(self, memo: dict) -> "ConnectionPool":
+        return self
+
+    def __reduce__(self):
+        raise TypeError("ConnectionPool holds live connections and cannot be pickled")
+
+    def close(self) -> None:
+        """Close every connection (each removes its in-flight prompts from its server first)."""
+        for connection in self.connections:
+            connection.close()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def urls(self) -> list[str]:
+        return [c.url for c in self.connections]
+
+    def connection_for(self, url: str) -> ComfyUIConnection:
+        """The connection to the server at ``url``."""
+        for connection in self.connections:
+            if connection.url == url:
+                return connection
+        raise KeyError(url)
+
+    def checkout(self) -> ComfyUIConnection:
+        """Wait for a free in-flight slot on any live server; take it on the best one.
+
+        Raises:
+            ConnectionLost: no server of the pool is usable any more.
+        """
+        with self._cond:
+            while True:
+                live = [c for c in self.connections if c.usable]
+                if not live:
+                    raise ConnectionLost(", ".join(self.urls), "no server of the pool is usable any more")
+                free = [c for c in live if c.free_slots > 0]
+                if free:
+                    best = max(free, key=lambda c: (c.connected, c.free_slots,
+                                                    -(c.stats.last_queue_remaining or 0),
+                                                    -self._assigned[c.url]))
+                    best.reserve_slot(block=False)
+                    self._assigned[best.url] += 1
+                    return best
+                self._cond.wait(0.5)
+
+    def prompt_status(self, prompt_id: str) -> tuple[PromptStatus, Optional[ComfyUIConnection]]:
+        """Where a prompt is: its status on the first live server that knows it, or ``unknown``."""
+        for connection in self.connections:
+            if not connection.usable:
+                continue
+            try:
+                status, _ = connection.prompt_status(prompt_id)
+            except (ServerUnreachable, ServerError) as exc:
+                logger.debug("could not ask %s about %s: %s", connection.url, prompt_id, exc)
+                continue
+            if status != "unknown":
+                return status, connection
+        return "unknown", None
+
+    def run_prompt(
+        self,
+        prompt: Mapping[str, Any],
+        *,
+        prompt_id: str,
+        on: Optional[ComfyUIConnection] = None,
+        attach: bool = False,
+        **options: Any,
+    ) -> tuple[PromptOutcome, list[OutputRef], ComfyUIConnection]:
+        """Run (or, with ``attach`` and ``on``, follow) a prompt on the best server.
+
+        Returns:
+            ``(outcome, refs, connection)``; download the refs from ``connection``.
+
+        Raises:
+            everything :meth:`ComfyUIConnection.run_prompt` raises.
+        """
+        if on is not None:
+            on.reserve_slot()
+            connection = on
+        else:
+            connection = self.checkout()
+        outcome, refs = connection.run_prompt(prompt, prompt_id=prompt_id, attach=attach, reserved=True,
+                                              **options)
+        return outcome, refs, connection
+
+    def stats(self) -> dict[str, Any]:
+        """Per-server connection facts: ``{url: ConnectionStats}``."""
+        return {c.url: c.stats for c in self.connections}
