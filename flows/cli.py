@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from blocks.connection import ComfyUIConnection
 from blocks.errors import ComfyUIError, WorkflowError
-from blocks.server import ComfyUIServer
+from blocks.server import ComfyUIServer, ComfyUIServerPool
 from blocks.workflow import ComfyUIWorkflow, SeedMode, problems_on_server
 
 app = typer.Typer(add_completion=False, help="Run ComfyUI generations as Prefect flows.")
@@ -55,8 +55,11 @@ def parse_params(items: list[str]) -> dict[str, Any]:
     return params
 
 
-def _server(url: str, api_key: Optional[str], timeout: Optional[float] = None) -> ComfyUIServer:
+def _server(url: str, api_key: Optional[str], timeout: Optional[float] = None,
+            max_in_flight: Optional[int] = None) -> ComfyUIServer:
     settings: dict = {"url": url}
+    if max_in_flight is not None:
+        settings["max_in_flight"] = max_in_flight
     if api_key:
         settings["api_key"] = api_key
     if timeout is not None:
@@ -64,7 +67,8 @@ def _server(url: str, api_key: Optional[str], timeout: Optional[float] = None) -
     try:
         return ComfyUIServer(**settings)
     except ValidationError as exc:
-        options = {"url": "--server", "generation_timeout_s": "--timeout", "api_key": "--api-key"}
+        options = {"url": "--server", "generation_timeout_s": "--timeout", "api_key": "--api-key",
+                   "max_in_flight": "--max-in-flight"}
         problems = "; ".join(
             f"{options.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else '--server'}: "
             f"{err['msg'].removeprefix('Value error, ')}"
@@ -82,7 +86,8 @@ def _workflow(path: Path) -> ComfyUIWorkflow:
 
 @app.command()
 def run(
-    server: str = typer.Option(..., "--server", help="ComfyUI base URL, e.g. http://127.0.0.1:8188."),
+    server: List[str] = typer.Option(..., "--server",
+                                     help="ComfyUI base URL, e.g. http://127.0.0.1:8188 (repeat for several GPUs)."),
     workflow: Path = typer.Option(..., "--workflow", exists=True, dir_okay=False,
                                   help="API-format workflow JSON (with its bindings)."),
     kind: str = typer.Option("image", "--kind", help="image or video."),
@@ -98,7 +103,10 @@ def run(
                                               help="Extra workflow parameter KEY=VALUE (repeatable)."),
     output_type: Optional[List[str]] = typer.Option(None, "--output-type",
                                                     help="/view type to download (default output; repeatable)."),
-    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Generations in flight at once."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1,
+                                    help="Generation tasks running at once (threads)."),
+    max_in_flight: int = typer.Option(2, "--max-in-flight", min=1,
+                                      help="Prompts queued or running per server (default 2)."),
     retries: int = typer.Option(2, "--retries", min=0, help="Retries per generation for transient failures."),
     flow_retries: int = typer.Option(0, "--flow-retries", min=0,
                                      help="Re-run the failed generations this many times."),
@@ -119,7 +127,8 @@ def run(
         texts += read_descriptions(descriptions)
     if not texts:
         raise typer.BadParameter("give --description TEXT (repeatable) or --descriptions FILE")
-    block = _server(server, api_key, timeout)
+    blocks = [_server(url, api_key, timeout, max_in_flight) for url in server]
+    block = blocks[0] if len(blocks) == 1 else ComfyUIServerPool(servers=blocks)
     template = _workflow(workflow)
     flow = generate_content.with_options(
         task_runner=ThreadPoolTaskRunner(max_workers=concurrency),

@@ -2491,9 +2491,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8188)
     parser.add_argument("--execution-time", type=float, default=0.5, help="seconds per prompt")
     parser.add_argument("--progress-steps", type=int, default=4)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every HTTP answer")
+    parser.add_argument("--output-size", type=int, default=0, help="bytes per output file (padded)")
     args = parser.parse_args()
     server = StandInComfyUI(port=args.port, execution_time_s=args.execution_time,
-                            progress_steps=args.progress_steps).start()
+                            progress_steps=args.progress_steps, preview_frames=args.progress_steps > 0)
+    server.request_latency_s = args.latency
+    server.output_size_bytes = args.output_size
+    server.start()
     print(f"stand-in ComfyUI at {server.url} (Ctrl-C to stop)", flush=True)
     try:
         while True:
