@@ -42,7 +42,17 @@ WORKFLOW = ROOT / "examples" / "workflows" / "smoke_image.json"
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident memory in MB (VmHWM: unlike ru_maxrss, it does not carry
+    over the parent's peak into a child started with fork + exec)."""
+    fallback = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux
+        return fallback
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return fallback
 
 
 def standins(count: int, t: float, latency: float, size: int) -> list[StandInComfyUI]:

@@ -138,3 +138,23 @@ def test_run_passes_params_into_the_workflow(comfy, tmp_path):
     )
     # the negative prompt reached the server: its marker made the stand-in fail the node
     assert result.returncode == 1 and "1 of 1 generations failed" in result.output
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_run_spreads_over_several_servers(tmp_path):
+    from tests.standin import StandInComfyUI
+
+    a, b = StandInComfyUI(execution_time_s=0.2).start(), StandInComfyUI(execution_time_s=0.2).start()
+    try:
+        result = comfy_pipeline(
+            "run", "--server", a.url, "--server", b.url, "--workflow", str(EXAMPLES / "smoke_image.json"),
+            "--description", "one", "--description", "two", "--variants", "3",
+            "--output-dir", str(tmp_path / "out"),
+        )
+        assert result.returncode == 0, result.output
+        assert "6 generation(s) done" in result.output
+        assert a.requests[("POST", "/prompt")] and b.requests[("POST", "/prompt")]
+        assert a.ws_opened == 1 and b.ws_opened == 1
+    finally:
+        a.stop()
+        b.stop()
