@@ -2351,7 +2351,6 @@ class StandInComfyUI:
 
     def _run_node(self, item: _Item, nid: str, cls: str, inp: dict) -> tuple[tuple, dict | None]:
         """Run one node: (outputs, ui) where ui is the ``executed`` output of an output node."""
-        pid = item.prompt_id
         if cls == "SaveImage":
             images = self._need_image(inp.get("images"))
             sub, base = self._split_prefix(inp.get("filename_prefix", "ComfyUI"))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -54,6 +52,9 @@ def table_of(state) -> list[dict]:
 
 
 def logs_of(state) -> str:
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs travel to the API in batches: send what is still queued
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     return "\n".join(log.message for log in logs)

@@ -9,7 +9,6 @@ import threading
 import time
 import uuid
 import zlib
-from pathlib import Path
 
 import pytest
 import requests
