@@ -124,8 +124,9 @@ class _Waiter:
 class _Closed:
     """Put into every waiter's inbox when the connection is finished for good."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, by_us: bool = False):
         self.reason = reason
+        self.by_us = by_us
 
 
 class _Reconcile:
@@ -464,7 +465,7 @@ class ComfyUIConnection:
         with self._lock:
             waiters = list(self._waiters.values())
         for waiter in waiters:
-            waiter.inbox.put(_Closed(reason))
+            waiter.inbox.put(_Closed(reason, by_us=self._closed))
 
     # ----------------------------------------------------------------- HTTP conveniences
     def system_stats(self) -> dict:
@@ -516,7 +517,7 @@ class ComfyUIConnection:
         with self._slot_cond:
             while self._slots_taken >= self.max_in_flight:
                 if not self.usable:
-                    raise ConnectionLost(self.url, self._dead_reason or "the connection is closed")
+                    raise ConnectionLost(self.url, self._dead_reason or "the connection is closed", closed_by_us=self._closed)
                 if not block:
                     return False
                 self._slot_cond.wait(0.5)
@@ -532,7 +533,7 @@ class ComfyUIConnection:
         if not self.usable:
             if reserved:
                 self._release_slot()
-            raise ConnectionLost(self.url, self._dead_reason or "the connection is closed")
+            raise ConnectionLost(self.url, self._dead_reason or "the connection is closed", closed_by_us=self._closed)
         if not reserved:
             self.reserve_slot()
         node_types = {str(k): v.get("class_type") for k, v in (prompt or {}).items() if isinstance(v, Mapping)}
@@ -703,7 +704,7 @@ class ComfyUIConnection:
                             _notify(on_event, PromptEvent("waiting"), tracker)
                     continue
                 if isinstance(item, _Closed):
-                    raise ConnectionLost(self.url, item.reason, prompt_id)
+                    raise ConnectionLost(self.url, item.reason, prompt_id, closed_by_us=item.by_us)
                 if isinstance(item, _Reconcile):
                     # after a reconnect; a flapping socket must not turn this into a request storm
                     if time.monotonic() - last_reconcile >= _MIN_RECONCILE_INTERVAL_S:
@@ -736,7 +737,7 @@ class ComfyUIConnection:
             except queue.Empty:
                 return
             if isinstance(item, _Closed):
-                raise ConnectionLost(self.url, item.reason, waiter.tracker.prompt_id)
+                raise ConnectionLost(self.url, item.reason, waiter.tracker.prompt_id, closed_by_us=item.by_us)
             if not isinstance(item, _Reconcile):
                 self._feed(waiter, item[1], item[0], on_event)
 

@@ -156,15 +156,17 @@ class GenerationTimeout(ComfyUIError):
 class ConnectionLost(ComfyUIError):
     """The WebSocket to the server closed while prompts were in flight."""
 
-    def __init__(self, url: str, reason: str, prompt_id: str | None = None):
+    def __init__(self, url: str, reason: str, prompt_id: str | None = None, *, closed_by_us: bool = False):
         self.url = url
         self.reason = reason
         self.prompt_id = prompt_id
+        #: True when our own side closed the connection (the run ended or was cancelled):
+        #: nothing to retry then.
+        self.closed_by_us = closed_by_us
         which = f" while waiting for prompt {prompt_id}" if prompt_id else ""
-        super().__init__(
-            f"WebSocket to ComfyUI at {url} was lost{which}: {reason}. "
-            "The server may have restarted or a proxy dropped the socket; run again."
-        )
+        hint = ("" if closed_by_us else
+                " The server may have restarted or a proxy dropped the socket; run again.")
+        super().__init__(f"WebSocket to ComfyUI at {url} was lost{which}: {reason}.{hint}")
 
 
 class ServerError(ComfyUIError):

@@ -669,6 +669,21 @@ class ComfyUIWorkflow(Block):
                 node["inputs"][input_name] = copy.deepcopy(value)
 
 
+def require_description_binding(workflow: "ComfyUIWorkflow") -> None:
+    """Refuse a workflow that would ignore the descriptions (binds none of ``prompt``,
+    ``description`` or ``slug``).
+
+    Raises:
+        WorkflowError: naming the file and showing the binding to add.
+    """
+    if not any(workflow.binds(name) for name in ("prompt", "description", "slug")):
+        raise WorkflowError(
+            f"workflow {workflow.source or ''} has no binding for 'prompt', so every description would "
+            "be ignored. Add one, e.g. \"comfy_pipeline\": {\"bindings\": {\"prompt\": "
+            "\"<node id or title>.inputs.text\"}} (see README, Workflows and bindings)."
+        )
+
+
 def problems_on_server(workflow: "ComfyUIWorkflow", object_info: Mapping[str, Any]) -> list[str]:
     """What in ``workflow`` the server cannot run, one sentence each (empty when all is well).
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from blocks.connection import ComfyUIConnection
 from blocks.errors import ComfyUIError, WorkflowError
 from blocks.server import ComfyUIServer, ComfyUIServerPool
-from blocks.workflow import ComfyUIWorkflow, SeedMode, problems_on_server
+from blocks.workflow import ComfyUIWorkflow, SeedMode, problems_on_server, require_description_binding
 
 app = typer.Typer(add_completion=False, help="Run ComfyUI generations as Prefect flows.")
 
@@ -77,9 +77,12 @@ def _server(url: str, api_key: Optional[str], timeout: Optional[float] = None,
         raise _fail(problems, 2) from None
 
 
-def _workflow(path: Path) -> ComfyUIWorkflow:
+def _workflow(path: Path, *, require_prompt: bool = True) -> ComfyUIWorkflow:
     try:
-        return ComfyUIWorkflow.from_file(path)
+        workflow = ComfyUIWorkflow.from_file(path)
+        if require_prompt:
+            require_description_binding(workflow)
+        return workflow
     except WorkflowError as exc:
         raise _fail(str(exc), 2) from None
 
@@ -107,7 +110,8 @@ def run(
                                     help="Generation tasks running at once (threads)."),
     max_in_flight: int = typer.Option(2, "--max-in-flight", min=1,
                                       help="Prompts queued or running per server (default 2)."),
-    retries: int = typer.Option(2, "--retries", min=0, help="Retries per generation for transient failures."),
+    retries: int = typer.Option(2, "--retries", min=0, max=10,
+                                help="Retries per generation for transient failures (0-10)."),
     flow_retries: int = typer.Option(0, "--flow-retries", min=0,
                                      help="Re-run the failed generations this many times."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="COMFYUI_API_KEY",
@@ -135,7 +139,37 @@ def run(
         retries=flow_retries,
         retry_delay_seconds=0,
     )
-    state = flow(
+    try:
+        state = _call_flow(flow, block, template, texts, kind, character, variants, output_dir, seed_mode,
+                           base_seed, param, output_type, retries)
+    except KeyboardInterrupt:
+        raise _fail("interrupted: prompts still queued or running were removed from the server", 130) from None
+    if state.is_completed():
+        results = state.result()
+        files = [f.path for r in results for f in r.files]
+        typer.secho(f"{len(results)} generation(s) done, {len(files)} file(s) in {output_dir}",
+                    fg=typer.colors.GREEN)
+        for path in files:
+            typer.echo(f"  {path}")
+        _point_at_report(character, kind)
+        return
+    if state.is_crashed() and "interrupt" in (state.message or "").lower():
+        raise _fail(f"flow run {state.name}: {state.message}; our prompts were removed from the server", 130)
+    typer.secho(f"flow run {state.name}: {state.message}", fg=typer.colors.RED, err=True)
+    _point_at_report(character, kind)
+    raise typer.Exit(1)
+
+
+def _point_at_report(character: str, kind: str) -> None:
+    from tasks.report import artifact_key
+
+    typer.echo(f"report: prefect artifact inspect {artifact_key(character, kind, 'summary')}  "
+               f"(and {artifact_key(character, kind, 'generations')} for every generation)")
+
+
+def _call_flow(flow, block, template, texts, kind, character, variants, output_dir, seed_mode, base_seed,
+               param, output_type, retries):
+    return flow(
         server=block,
         workflow=template,
         descriptions=texts,
@@ -150,15 +184,6 @@ def run(
         retries=retries,
         return_state=True,
     )
-    if state.is_completed():
-        results = state.result()
-        files = [f.path for r in results for f in r.files]
-        typer.secho(f"{len(results)} generation(s) done, {len(files)} file(s) in {output_dir}",
-                    fg=typer.colors.GREEN)
-        for path in files:
-            typer.echo(f"  {path}")
-        return
-    raise _fail(f"flow run {state.name}: {state.message}", 1)
 
 
 @app.command()
@@ -171,7 +196,7 @@ def check(
     """Is the server reachable (GET /system_stats)? Does it have every node class of the
     workflow, and every model or choice it names (GET /object_info)?"""
     block = _server(server, api_key)
-    template = _workflow(workflow) if workflow else None
+    template = _workflow(workflow, require_prompt=False) if workflow else None
     connection = ComfyUIConnection(block.url, headers=block.request_headers(),
                                    connect_timeout_s=block.connect_timeout_s)
     try:
@@ -180,6 +205,10 @@ def check(
         typer.secho(f"ComfyUI {version} reachable at {block.url}", fg=typer.colors.GREEN)
         if template is not None:
             problems = problems_on_server(template, connection.object_info())
+            try:
+                require_description_binding(template)
+            except WorkflowError as exc:
+                problems.append(str(exc))
             if problems:
                 raise _fail(f"{workflow}:\n  " + "\n  ".join(problems), 1)
             typer.secho(f"{workflow}: all {len(template.class_types())} node classes and their "

@@ -29,7 +29,7 @@ from pydantic import Field
 from blocks.errors import ComfyUIError, WorkflowError
 from blocks.pool import ConnectionPool
 from blocks.server import ComfyUIServer, ComfyUIServerPool
-from blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed
+from blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding
 from tasks.generate import generate
 from tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
 from tasks.report import Outcome, ProgressReport, RunFacts, write_report
@@ -98,15 +98,6 @@ def _write_report(logger, specs, outcomes, facts: RunFacts, began: float) -> Non
         logger.exception("could not write the report artifacts")
 
 
-def _check_binds_description(template: ComfyUIWorkflow) -> None:
-    if not any(template.binds(name) for name in ("prompt", "description", "slug")):
-        raise WorkflowError(
-            f"workflow {template.source or ''} has no binding for 'prompt', so every description would "
-            "be ignored. Add one, e.g. \"comfy_pipeline\": {\"bindings\": {\"prompt\": "
-            "\"<node id or title>.inputs.text\"}} (see README, Workflows and bindings)."
-        )
-
-
 def _load_workflow(workflow: Union[ComfyUIWorkflow, str]) -> ComfyUIWorkflow:
     if isinstance(workflow, ComfyUIWorkflow):
         return workflow
@@ -166,7 +157,7 @@ def generate_content(
     began = time.monotonic()
     try:
         template = _load_workflow(workflow)
-        _check_binds_description(template)
+        require_description_binding(template)
     except WorkflowError as exc:  # nothing was sent; say why in one line, no traceback
         logger.error("%s", exc)
         return Failed(data=exc, message=str(exc))

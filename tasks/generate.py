@@ -105,6 +105,8 @@ def is_transient(exc: BaseException) -> bool:
     are permanent: retrying them would fail the same way."""
     if isinstance(exc, ServerError):
         return exc.status >= 500
+    if isinstance(exc, ConnectionLost) and exc.closed_by_us:
+        return False  # the run ended or was cancelled: retrying would only wait for nothing
     return isinstance(exc, (ConnectionLost, ServerUnreachable, PromptLost, GenerationTimeout))
 
 

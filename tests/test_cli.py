@@ -158,3 +158,14 @@ def test_run_spreads_over_several_servers(tmp_path):
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_workflow_that_ignores_the_descriptions_is_refused_before_prefect_starts(tmp_path):
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }))
+    result = runner.invoke(app, ["run", "--server", "http://127.0.0.1:9", "--workflow", str(bare),
+                                 "--description", "a fox"])
+    assert result.exit_code == 2 and "no binding for 'prompt'" in result.output

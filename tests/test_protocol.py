@@ -193,3 +193,18 @@ def test_validation_error_from_older_servers_string_error_and_list_node_errors()
 
     err = PromptValidationError("no prompt", [])
     assert "no prompt" in str(err) and err.node_errors == {}
+
+
+def test_which_failures_are_retried():
+    from blocks.errors import (ConnectionLost, GenerationTimeout, NodeExecutionError, PromptLost,
+                               PromptValidationError, ServerError, ServerUnreachable, WorkflowError)
+    from tasks.generate import is_transient
+
+    assert is_transient(ConnectionLost("u", "dropped"))
+    assert not is_transient(ConnectionLost("u", "closed", closed_by_us=True))  # the run ended
+    assert is_transient(ServerUnreachable("u", "refused")) and is_transient(PromptLost("p", "u", 3))
+    assert is_transient(GenerationTimeout("p", 1.0)) and is_transient(ServerError("POST", "u", 503, ""))
+    assert not is_transient(ServerError("POST", "u", 404, ""))
+    assert not is_transient(PromptValidationError({"message": "bad"}, {}))
+    assert not is_transient(NodeExecutionError("p", "3", "KSampler", "RuntimeError", "boom"))
+    assert not is_transient(WorkflowError("bad file"))
