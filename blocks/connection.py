@@ -472,18 +472,6 @@ class ComfyUIConnection:
         """``GET /system_stats``. Raises :class:`ServerUnreachable` within ``connect_timeout_s``."""
         return self.http.system_stats()
 
-    def object_info(self) -> dict:
-        """``GET /object_info``: ``{class_type: definition}``."""
-        return self.http.object_info()
-
-    def get_queue(self) -> dict:
-        """``GET /queue``: ``{"queue_running": [...], "queue_pending": [...]}``."""
-        return self.http.queue()
-
-    def get_history(self, prompt_id: str) -> dict:
-        """``GET /history/{prompt_id}``: the entry, or ``{}``."""
-        return self.http.history(prompt_id)
-
     def download(self, ref: OutputRef, dest: Union[Path, Iterable[Path]]) -> tuple[Path, int]:
         """``GET /view`` to ``dest`` or the first free candidate path (see :meth:`ComfyUIHTTP.download`).
 
@@ -798,11 +786,6 @@ class ComfyUIConnection:
             waiter = self._waiters.pop(prompt_id, None)
         if waiter is not None:
             self._release_slot()
-
-    def in_flight(self) -> list[str]:
-        """The prompt ids this connection is waiting for now."""
-        with self._lock:
-            return list(self._waiters)
 
     def cancel_prompt(self, prompt_id: str) -> None:
         """Remove one prompt of ours from the server (see :meth:`cancel_prompts`)."""

@@ -89,13 +89,6 @@ class ConnectionPool:
     def urls(self) -> list[str]:
         return [c.url for c in self.connections]
 
-    def connection_for(self, url: str) -> ComfyUIConnection:
-        """The connection to the server at ``url``."""
-        for connection in self.connections:
-            if connection.url == url:
-                return connection
-        raise KeyError(url)
-
     def checkout(self) -> ComfyUIConnection:
         """Wait for a free in-flight slot on any live server; take it on the best one.
 

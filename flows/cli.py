@@ -18,7 +18,7 @@ from typing import Any, List, Optional
 import typer
 from pydantic import ValidationError
 
-from blocks.connection import ComfyUIConnection
+from blocks.http_api import ComfyUIHTTP
 from blocks.errors import ComfyUIError, WorkflowError
 from blocks.server import ComfyUIServer, ComfyUIServerPool
 from blocks.workflow import ComfyUIWorkflow, SeedMode, problems_on_server, require_description_binding
@@ -197,8 +197,8 @@ def check(
     workflow, and every model or choice it names (GET /object_info)?"""
     block = _server(server, api_key)
     template = _workflow(workflow, require_prompt=False) if workflow else None
-    connection = ComfyUIConnection(block.url, headers=block.request_headers(),
-                                   connect_timeout_s=block.connect_timeout_s)
+    connection = ComfyUIHTTP(block.url, headers=block.request_headers(), verify_tls=block.verify_tls,
+                             connect_timeout_s=block.connect_timeout_s)
     try:
         stats = connection.system_stats()
         version = (stats.get("system") or {}).get("comfyui_version", "unknown version")
