@@ -78,7 +78,7 @@ class _ProgressLog:
         node = event.node
         label = f"node {node} ({tracker.node_types.get(node, '?')})" if node else ""
         if event.kind == "started":
-            self.logger.info("%s: started after %.1f s in queue", self.prefix, time.monotonic() - self.started)
+            self.logger.info("%s: started %.1f s after the task began (waiting for a free slot, then in ComfyUI's queue)", self.prefix, time.monotonic() - self.started)
         elif event.kind == "cached":
             self.logger.info("%s: %d node(s) served from ComfyUI's cache", self.prefix, len(event.nodes))
         elif event.kind == "executing":
