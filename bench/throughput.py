@@ -111,8 +111,8 @@ def baseline_one_socket_sequential(url: str, n: int, out: Path) -> None:
 
 
 def our_flow(urls: list[str], n: int, out: Path) -> None:
-    from blocks.server import ComfyUIServer, ComfyUIServerPool
-    from flows.generate_content import generate_content
+    from comfy_pipeline.blocks.server import ComfyUIServer, ComfyUIServerPool
+    from comfy_pipeline.flows.generate_content import generate_content
 
     servers = [ComfyUIServer(url=u) for u in urls]
     server = servers[0] if len(servers) == 1 else ComfyUIServerPool(servers=servers)

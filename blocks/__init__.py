@@ -1,6 +1,11 @@
 """Prefect Blocks and the live connection for ComfyUI.
 
-- :class:`ComfyUIServer` (``server.py``): the Block with settings and secrets.
+Register every block type with ``prefect block register -m comfy_pipeline.blocks``.
+
+- :class:`ComfyUIServer`, :class:`ComfyUIServerPool` (``server.py``): the Blocks with settings
+  and secrets.
+- :class:`ComfyUIWorkflow` (``workflow.py``): the Block holding a workflow and its bindings.
+- :class:`ConnectionPool` (``pool.py``): the live connections of one flow run.
 - :class:`ComfyUIConnection` (``connection.py``): one WebSocket + HTTP session, the reader
   thread that routes messages by ``prompt_id``.
 - ``protocol.py``: message parsing and the per-prompt tracker, no I/O.
@@ -23,13 +28,17 @@ from .errors import (
     WorkflowError,
 )
 from .protocol import OutputRef, PromptEvent, PromptTracker, outputs_from_history
-from .server import ComfyUIServer
+from .pool import ConnectionPool
+from .server import ComfyUIServer, ComfyUIServerPool
+from .workflow import ComfyUIWorkflow, SeedMode, choose_seed, load_workflow_file
 
 __all__ = [
     "AuthenticationFailed",
     "ComfyUIConnection",
     "ComfyUIError",
     "ComfyUIServer",
+    "ComfyUIServerPool",
+    "ConnectionPool",
     "ConnectionLost",
     "ConnectionStats",
     "ExecutionInterrupted",

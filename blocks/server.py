@@ -21,7 +21,7 @@ class ComfyUIServer(Block):
 
     Example:
         ```python
-        from blocks.server import ComfyUIServer
+        from comfy_pipeline.blocks import ComfyUIServer
 
         server = ComfyUIServer.load("BLOCK_NAME")
         with server.connect() as connection:
@@ -139,7 +139,7 @@ class ComfyUIServerPool(Block):
 
     Example:
         ```python
-        from blocks.server import ComfyUIServerPool
+        from comfy_pipeline.blocks import ComfyUIServerPool
 
         pool = ComfyUIServerPool.load("BLOCK_NAME")
         print([server.url for server in pool.servers])

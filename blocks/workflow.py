@@ -53,7 +53,7 @@ from typing import Any, Mapping, Optional, Union
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from blocks.errors import WorkflowError
+from .errors import WorkflowError
 
 __all__ = [
     "ComfyUIWorkflow",
@@ -442,7 +442,7 @@ class ComfyUIWorkflow(Block):
     Example:
         Load a saved workflow and render the prompt of one generation:
         ```python
-        from blocks.workflow import ComfyUIWorkflow
+        from comfy_pipeline.blocks import ComfyUIWorkflow
 
         workflow = ComfyUIWorkflow.load("BLOCK_NAME")
         prompt = workflow.render({"prompt": "a red fox in the snow", "seed": 42})

@@ -18,10 +18,10 @@ from typing import Any, List, Optional
 import typer
 from pydantic import ValidationError
 
-from blocks.http_api import ComfyUIHTTP
-from blocks.errors import ComfyUIError, WorkflowError
-from blocks.server import ComfyUIServer, ComfyUIServerPool
-from blocks.workflow import ComfyUIWorkflow, SeedMode, problems_on_server, require_description_binding
+from ..blocks.http_api import ComfyUIHTTP
+from ..blocks.errors import ComfyUIError, WorkflowError
+from ..blocks.server import ComfyUIServer, ComfyUIServerPool
+from ..blocks.workflow import ComfyUIWorkflow, SeedMode, problems_on_server, require_description_binding
 
 app = typer.Typer(add_completion=False, help="Run ComfyUI generations as Prefect flows.")
 
@@ -122,7 +122,7 @@ def run(
     """Generate images or videos for descriptions and write the report artifacts."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.generate_content import generate_content
+    from .generate_content import generate_content
 
     if kind not in ("image", "video"):
         raise typer.BadParameter("must be image or video", param_hint="--kind")
@@ -161,7 +161,7 @@ def run(
 
 
 def _point_at_report(character: str, kind: str) -> None:
-    from tasks.report import artifact_key
+    from ..tasks.report import artifact_key
 
     typer.echo(f"report: prefect artifact inspect {artifact_key(character, kind, 'summary')}  "
                f"(and {artifact_key(character, kind, 'generations')} for every generation)")

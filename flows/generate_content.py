@@ -26,13 +26,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from pydantic import Field
 
-from blocks.errors import ComfyUIError, WorkflowError
-from blocks.pool import ConnectionPool
-from blocks.server import ComfyUIServer, ComfyUIServerPool
-from blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding
-from tasks.generate import generate
-from tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
-from tasks.report import Outcome, ProgressReport, RunFacts, write_report
+from ..blocks.errors import ComfyUIError, WorkflowError
+from ..blocks.pool import ConnectionPool
+from ..blocks.server import ComfyUIServer, ComfyUIServerPool
+from ..blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding
+from ..tasks.generate import generate
+from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
+from ..tasks.report import Outcome, ProgressReport, RunFacts, write_report
 
 #: Generations in flight at once on one connection (threads of the task runner).
 DEFAULT_CONCURRENCY = 8

@@ -20,9 +20,9 @@ from pathlib import Path
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import DEFAULT
 
-from blocks.connection import ComfyUIConnection, PromptOutcome
-from blocks.pool import ConnectionPool
-from blocks.errors import (
+from ..blocks.connection import ComfyUIConnection, PromptOutcome
+from ..blocks.pool import ConnectionPool
+from ..blocks.errors import (
     ConnectionLost,
     GenerationTimeout,
     OutputError,
@@ -30,8 +30,8 @@ from blocks.errors import (
     ServerError,
     ServerUnreachable,
 )
-from blocks.protocol import OutputRef, PromptEvent, PromptTracker
-from blocks.workflow import ComfyUIWorkflow
+from ..blocks.protocol import OutputRef, PromptEvent, PromptTracker
+from ..blocks.workflow import ComfyUIWorkflow
 
 from .models import GenerationResult, GenerationSettings, GenerationSpec, OutputFile
 from .outputs import candidate_paths, output_subdir, planned_name, safe_stem

@@ -12,8 +12,8 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from blocks.errors import OutputError
-from blocks.protocol import OutputRef
+from ..blocks.errors import OutputError
+from ..blocks.protocol import OutputRef
 
 _UNSAFE = re.compile(r"[^\w.\- ]+", re.UNICODE)
 

@@ -8,7 +8,7 @@ import pytest
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from pydantic import ValidationError
 
-from blocks.server import ComfyUIServer
+from comfy_pipeline.blocks.server import ComfyUIServer
 
 
 class TestComfyUIServerBlock(BlockStandardTestSuite):

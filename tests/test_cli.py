@@ -16,7 +16,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL
 from typer.testing import CliRunner
 
-from flows.cli import app, read_descriptions
+from comfy_pipeline.flows.cli import app, read_descriptions
 from tests.conftest import EXAMPLES, ROOT
 from tests.standin import free_port
 
@@ -26,7 +26,7 @@ runner = CliRunner()
 def comfy_pipeline(*args: str) -> subprocess.CompletedProcess:
     """Run ``comfy-pipeline ARGS`` in a new process against the test Prefect API."""
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
-    completed = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+    completed = subprocess.run([sys.executable, "-m", "comfy_pipeline.flows.cli", *args], capture_output=True,
                                text=True, timeout=180, env=env, cwd=ROOT)
     completed.output = completed.stdout + completed.stderr
     return completed
@@ -34,7 +34,7 @@ def comfy_pipeline(*args: str) -> subprocess.CompletedProcess:
 
 def test_entry_point_is_installed():
     exe = shutil.which("comfy-pipeline")
-    cmd = [exe] if exe else [sys.executable, "-m", "flows.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "comfy_pipeline.flows.cli"]
     out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "run" in out.stdout and "check" in out.stdout
 
@@ -123,7 +123,7 @@ def test_a_url_without_scheme_is_one_clear_line_not_a_traceback():
 
 
 def test_params_keep_json_types():
-    from flows.cli import parse_params
+    from comfy_pipeline.flows.cli import parse_params
 
     assert parse_params(["negative_prompt=blurry, dark", "steps=30", "hires=true"]) == {
         "negative_prompt": "blurry, dark", "steps": 30, "hires": True}

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from blocks.errors import (
+from comfy_pipeline.blocks.errors import (
     AuthenticationFailed,
     ConnectionLost,
     ExecutionInterrupted,
@@ -18,7 +18,7 @@ from blocks.errors import (
     PromptValidationError,
     ServerUnreachable,
 )
-from blocks.server import ComfyUIServer
+from comfy_pipeline.blocks.server import ComfyUIServer
 from tests.standin import StandInComfyUI, free_port
 
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
@@ -58,8 +58,8 @@ def test_client_chosen_prompt_id_is_sent_once_and_used(comfy):
 
 
 def test_download_streams_exact_bytes_and_never_overwrites(comfy, tmp_path):
-    from blocks.errors import OutputError
-    from tasks.outputs import candidate_paths
+    from comfy_pipeline.blocks.errors import OutputError
+    from comfy_pipeline.tasks.outputs import candidate_paths
 
     with ComfyUIServer(url=comfy.url).connect() as conn:
         _, refs = conn.run_prompt(image_prompt("dl/img"))
@@ -76,7 +76,7 @@ def test_download_streams_exact_bytes_and_never_overwrites(comfy, tmp_path):
 
 
 def test_two_writers_racing_for_one_name_both_keep_their_file(comfy, tmp_path):
-    from tasks.outputs import candidate_paths
+    from comfy_pipeline.tasks.outputs import candidate_paths
 
     with ComfyUIServer(url=comfy.url).connect() as conn:
         _, refs = conn.run_prompt(image_prompt("race/img", batch=2))

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
-from blocks.server import ComfyUIServer
-from flows.generate_content import generate_content
+from comfy_pipeline.blocks.server import ComfyUIServer
+from comfy_pipeline.flows.generate_content import generate_content
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,10 +9,10 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 
-from blocks.errors import ServerUnreachable, WorkflowError
-from blocks.server import ComfyUIServer
-from blocks.workflow import ComfyUIWorkflow
-from flows.generate_content import generate_content
+from comfy_pipeline.blocks.errors import ServerUnreachable, WorkflowError
+from comfy_pipeline.blocks.server import ComfyUIServer
+from comfy_pipeline.blocks.workflow import ComfyUIWorkflow
+from comfy_pipeline.flows.generate_content import generate_content
 from tests.conftest import EXAMPLES
 from tests.standin import free_port
 

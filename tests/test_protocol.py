@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from blocks.errors import ExecutionInterrupted, NodeExecutionError
-from blocks.protocol import (
+from comfy_pipeline.blocks.errors import ExecutionInterrupted, NodeExecutionError
+from comfy_pipeline.blocks.protocol import (
     PromptTracker,
     binary_event_type,
     outputs_from_history,
@@ -174,7 +174,7 @@ def test_frames_that_are_not_messages_are_rejected_not_raised():
 
 
 def test_odd_shapes_inside_known_messages_are_tolerated():
-    from blocks.protocol import queue_remaining_of
+    from comfy_pipeline.blocks.protocol import queue_remaining_of
 
     assert queue_remaining_of({"type": "status", "data": {"status": "busy"}}) is None
     assert queue_remaining_of({"type": "status", "data": {"status": {"exec_info": [1]}}}) is None
@@ -189,16 +189,16 @@ def test_odd_shapes_inside_known_messages_are_tolerated():
 
 
 def test_validation_error_from_older_servers_string_error_and_list_node_errors():
-    from blocks.errors import PromptValidationError
+    from comfy_pipeline.blocks.errors import PromptValidationError
 
     err = PromptValidationError("no prompt", [])
     assert "no prompt" in str(err) and err.node_errors == {}
 
 
 def test_which_failures_are_retried():
-    from blocks.errors import (ConnectionLost, GenerationTimeout, NodeExecutionError, PromptLost,
+    from comfy_pipeline.blocks.errors import (ConnectionLost, GenerationTimeout, NodeExecutionError, PromptLost,
                                PromptValidationError, ServerError, ServerUnreachable, WorkflowError)
-    from tasks.generate import is_transient
+    from comfy_pipeline.tasks.generate import is_transient
 
     assert is_transient(ConnectionLost("u", "dropped"))
     assert not is_transient(ConnectionLost("u", "closed", closed_by_us=True))  # the run ended

@@ -19,8 +19,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.flow_engine import run_flow
 from prefect.states import Scheduled
 
-from blocks.server import ComfyUIServer
-from flows.generate_content import generate_content
+from comfy_pipeline.blocks.server import ComfyUIServer
+from comfy_pipeline.flows.generate_content import generate_content
 from tests.conftest import EXAMPLES
 
 pytestmark = [pytest.mark.usefixtures("prefect_api", "no_leaked_threads"), pytest.mark.timeout(90)]
@@ -235,7 +235,7 @@ def test_interrupting_the_process_removes_our_prompts_from_the_server(signal_nam
 
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--server", comfy.url, "--workflow", WORKFLOW,
+        [sys.executable, "-m", "comfy_pipeline.flows.cli", "run", "--server", comfy.url, "--workflow", WORKFLOW,
          "--description", "long [[hang]]", "--description", "queued behind [[hang]]", "--output-dir",
          str(tmp_path / "out")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -10,8 +10,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from blocks.server import ComfyUIServer, ComfyUIServerPool
-from flows.generate_content import generate_content
+from comfy_pipeline.blocks.server import ComfyUIServer, ComfyUIServerPool
+from comfy_pipeline.flows.generate_content import generate_content
 from tests.conftest import EXAMPLES
 from tests.standin import StandInComfyUI, free_port
 

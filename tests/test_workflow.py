@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
-from blocks.errors import WorkflowError
-from blocks.workflow import (
+from comfy_pipeline.blocks.errors import WorkflowError
+from comfy_pipeline.blocks.workflow import (
     RANDOM_SEED_MAX,
     ComfyUIWorkflow,
     SeedMode,
@@ -601,8 +601,8 @@ def test_seed_mode_is_str_enum():
 
 @pytest.mark.parametrize("name", ["smoke_image.json", "smoke_video.json", "sd15_txt2img.json"])
 def test_examples_load_and_render(name):
-    from tasks.generate import workflow_params
-    from tasks.models import GenerationSettings, GenerationSpec
+    from comfy_pipeline.tasks.generate import workflow_params
+    from comfy_pipeline.tasks.models import GenerationSettings, GenerationSpec
 
     wf = load_workflow_file(EXAMPLES / name)
     assert wf.binds("slug")
