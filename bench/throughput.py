@@ -115,7 +115,7 @@ def our_flow(urls: list[str], n: int, out: Path) -> None:
     from comfy_pipeline.flows.generate_content import generate_content
 
     servers = [ComfyUIServer(url=u) for u in urls]
-    server = servers[0] if len(servers) == 1 else ComfyUIServerPool(servers=servers)
+    server = servers[0] if len(servers) == 1 else ComfyUIServerPool.of(servers)
     state = generate_content(server=server, workflow=str(WORKFLOW), descriptions=[f"d{i}" for i in range(n)],
                              character="bench", output_dir=str(out), return_state=True)
     if not state.is_completed():

@@ -49,7 +49,7 @@ class ConnectionPool:
         if isinstance(server, ComfyUIServer):
             servers = [server]
         elif isinstance(server, ComfyUIServerPool):
-            servers = list(server.servers)
+            servers = server.load_servers()
         else:
             servers = list(server)
         cond = threading.Condition()

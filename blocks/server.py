@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Sequence
 from urllib.parse import urlsplit
 
 from prefect.blocks.core import Block
 from prefect.types import SecretDict
-from pydantic import Field, SecretStr, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 from .connection import ComfyUIConnection, ws_url_for
+
+#: The logo shown for our block types in the Prefect UI (ComfyUI's organisation avatar, 256 px).
+LOGO_URL = "https://github.com/Comfy-Org.png?size=256"
+#: What the blocks speak to: ComfyUI's server routes.
+DOCUMENTATION_URL = "https://docs.comfy.org/development/comfyui-server/comms_routes"
 
 
 class ComfyUIServer(Block):
@@ -31,8 +36,14 @@ class ComfyUIServer(Block):
 
     _block_type_name = "ComfyUI Server"
     _block_type_slug = "comfyui-server"
-    _description = "A ComfyUI server (HTTP + WebSocket) that runs generation workflows."
-    _documentation_url = "https://docs.comfy.org/development/comfyui-server/comms_routes"
+    _logo_url = LOGO_URL
+    _description = (
+        "A ComfyUI server (HTTP + WebSocket) that runs generation workflows: its URL, API key, "
+        "headers and timeouts."
+    )
+    _documentation_url = DOCUMENTATION_URL
+    # A refused value may hold a secret (a url with a password): never echo it in errors.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     # Required (no default): a deployment's {"$ref": ...} parameter must not also validate as a
     # server of all defaults, or Prefect's API refuses the flow run as ambiguous.
@@ -92,6 +103,14 @@ class ComfyUIServer(Block):
             raise ValueError(
                 f"ComfyUI url must look like http://host:8188 or https://host, got {value!r}"
             )
+        if "@" in parts.netloc:
+            # Never echo the value: it holds a password. URLs end up in logs, artifacts, results.
+            raise ValueError(
+                "ComfyUI url must not contain a user name or password (user:pass@host): they "
+                "would be shown in logs, reports and results. Put the key in api_key (sent as "
+                "'Authorization: Bearer <key>') or the credentials in headers (e.g. "
+                "{'Authorization': 'Basic ...'}), which are kept secret"
+            )
         return value.strip().rstrip("/")
 
     def request_headers(self) -> dict[str, str]:
@@ -132,30 +151,108 @@ class ComfyUIServer(Block):
 
 
 class ComfyUIServerPool(Block):
-    """Several ComfyUI servers used together by one flow run (one connection each).
+    """Several ComfyUI servers (GPUs) shared by one flow run, one connection each.
 
-    Each generation goes to the server with the most free capacity; a server that fails at
-    connect or dies mid-run is taken out of rotation and its work goes to the others.
+    The pool refers to saved **ComfyUI Server** blocks by name, it does not copy them: their
+    API keys and headers stay in those blocks (never stored or shown by the pool), and editing
+    a server block changes every pool that names it. Each generation goes to the server with
+    the most free capacity; a server that fails at connect or dies mid-run is taken out of
+    rotation and its work goes to the others.
+
+    For servers that are not saved (a script, the CLI's repeated ``--server``), build an
+    in-process pool with :meth:`of`; such a pool cannot be saved.
 
     Example:
         ```python
         from comfy_pipeline.blocks import ComfyUIServerPool
 
         pool = ComfyUIServerPool.load("BLOCK_NAME")
-        print([server.url for server in pool.servers])
+        print([server.url for server in pool.load_servers()])
         ```
     """
 
     _block_type_name = "ComfyUI Server Pool"
     _block_type_slug = "comfyui-server-pool"
-    _description = "Several ComfyUI servers (GPUs) that share the generations of a flow run."
-    _documentation_url = "https://docs.comfy.org/development/comfyui-server/comms_routes"
-
-    servers: list[ComfyUIServer] = Field(
-        ..., min_length=1, description="The servers; each keeps its own settings and timeouts."
+    _logo_url = LOGO_URL
+    _description = (
+        "Several saved ComfyUI Server blocks (GPUs) that share the generations of a flow run."
     )
+    _documentation_url = DOCUMENTATION_URL
+
+    servers: list[str] = Field(
+        ...,
+        min_length=1,
+        title="Server blocks",
+        description=(
+            "Names of saved ComfyUI Server blocks, e.g. gpu-1 (or comfyui-server/gpu-1); each "
+            "keeps its own URL, secrets and timeouts."
+        ),
+        examples=[["gpu-1", "gpu-2"]],
+    )
+    _inline: Optional[list[ComfyUIServer]] = PrivateAttr(default=None)
+
+    @field_validator("servers")
+    @classmethod
+    def _check_names(cls, names: list[str]) -> list[str]:
+        cleaned = []
+        for name in names:
+            name = str(name).strip()
+            if name.startswith(f"{ComfyUIServer._block_type_slug}/"):
+                name = name.split("/", 1)[1]
+            if not name or "/" in name or ":" in name:
+                raise ValueError(
+                    f"a pool lists saved ComfyUI Server block names such as 'gpu-1', got {name!r}; "
+                    "save each server first: ComfyUIServer(url=...).save('gpu-1')"
+                )
+            cleaned.append(name)
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError(f"a server is listed twice in {cleaned}")
+        return cleaned
+
+    @classmethod
+    def of(cls, servers: Sequence[ComfyUIServer]) -> "ComfyUIServerPool":
+        """An in-process pool of server blocks that need not be saved (not savable itself).
+
+        Raises:
+            ValueError: ``servers`` is empty.
+        """
+        if not servers:
+            raise ValueError("a pool needs at least one server")
+        pool = cls(servers=[f"server-{n}" for n in range(1, len(servers) + 1)])
+        pool._inline = list(servers)
+        return pool
+
+    def load_servers(self) -> list[ComfyUIServer]:
+        """The pool's ComfyUI Server blocks, loaded by name from the Prefect API.
+
+        Raises:
+            ValueError: a named block does not exist (the message names it and says how to save it).
+        """
+        if self._inline is not None:
+            return list(self._inline)
+        loaded = []
+        for name in self.servers:
+            try:
+                loaded.append(ComfyUIServer.load(name))
+            except ValueError as exc:
+                raise ValueError(
+                    f"ComfyUI Server Pool lists {name!r}, but no ComfyUI Server block of that name "
+                    f"is saved ({exc}); save it with ComfyUIServer(url=...).save({name!r}) or "
+                    "fix the pool's list"
+                ) from None
+        return loaded
+
+    async def _save(self, *args: Any, **kwargs: Any) -> Any:
+        if self._inline is not None:
+            raise ValueError(
+                "this pool holds unsaved servers (ComfyUIServerPool.of); save each server as a "
+                "ComfyUI Server block and save ComfyUIServerPool(servers=[their names]) instead"
+            )
+        return await super()._save(*args, **kwargs)
 
     @property
     def url(self) -> str:
-        """The servers' URLs, comma-separated (for logs and the report)."""
-        return ", ".join(server.url for server in self.servers)
+        """The servers' URLs (in-process pools) or block names, comma-separated, for logs."""
+        if self._inline is not None:
+            return ", ".join(server.url for server in self._inline)
+        return ", ".join(self.servers)

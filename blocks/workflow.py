@@ -450,9 +450,12 @@ class ComfyUIWorkflow(Block):
     """
 
     _block_type_name = "ComfyUI Workflow"
+    _block_type_slug = "comfyui-workflow"
+    _logo_url = "https://github.com/Comfy-Org.png?size=256"
     _description = (
         "A ComfyUI API-format workflow (Workflow menu -> Export (API)) with bindings that say "
-        "which node inputs receive the prompt, seed and other run parameters."
+        "which node inputs receive the prompt, seed and other run parameters. Save one with "
+        "'comfy-pipeline workflow save NAME FILE'."
     )
     _documentation_url = "https://docs.comfy.org/development/comfyui-server/comms_routes"
 

@@ -132,7 +132,7 @@ def run(
     if not texts:
         raise typer.BadParameter("give --description TEXT (repeatable) or --descriptions FILE")
     blocks = [_server(url, api_key, timeout, max_in_flight) for url in server]
-    block = blocks[0] if len(blocks) == 1 else ComfyUIServerPool(servers=blocks)
+    block = blocks[0] if len(blocks) == 1 else ComfyUIServerPool.of(blocks)
     template = _workflow(workflow)
     flow = generate_content.with_options(
         task_runner=ThreadPoolTaskRunner(max_workers=concurrency),

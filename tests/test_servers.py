@@ -32,7 +32,7 @@ def two():
 
 
 def run(urls, tmp_path, **kw):
-    pool = ComfyUIServerPool(servers=[ComfyUIServer(url=u, **SETTINGS) for u in urls])
+    pool = ComfyUIServerPool.of([ComfyUIServer(url=u, **SETTINGS) for u in urls])
     return generate_content(server=pool, workflow=str(EXAMPLES / "smoke_image.json"),
                             descriptions=DESCRIPTIONS, variants=2, character="pool",
                             output_dir=str(tmp_path / "out"), retry_delay_s=0.05, return_state=True, **kw)
