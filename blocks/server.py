@@ -242,13 +242,14 @@ class ComfyUIServerPool(Block):
                 ) from None
         return loaded
 
-    async def _save(self, *args: Any, **kwargs: Any) -> Any:
+    def _to_block_document(self, *args: Any, **kwargs: Any) -> Any:
+        # Every save goes through here (sync or async).
         if self._inline is not None:
             raise ValueError(
                 "this pool holds unsaved servers (ComfyUIServerPool.of); save each server as a "
                 "ComfyUI Server block and save ComfyUIServerPool(servers=[their names]) instead"
             )
-        return await super()._save(*args, **kwargs)
+        return super()._to_block_document(*args, **kwargs)
 
     @property
     def url(self) -> str:

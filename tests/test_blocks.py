@@ -146,8 +146,8 @@ def test_a_pool_refers_to_saved_servers_so_no_secret_is_copied_and_edits_reach_i
     ComfyUIServerPool(servers=["pool-gpu-a", "comfyui-server/pool-gpu-b"]).save("pool-ab", overwrite=True)
 
     with get_client(sync_client=True) as client:
-        documents = [client.read_block_document_by_name("pool-ab", "comfyui-server-pool"),
-                     client.read_block_document_by_name("pool-gpu-a", "comfyui-server")]
+        documents = [client.read_block_document_by_name("pool-ab", "comfyui-server-pool", include_secrets=False),
+                     client.read_block_document_by_name("pool-gpu-a", "comfyui-server", include_secrets=False)]
     for document in documents:
         assert "sk-pool-secret-a" not in document.model_dump_json()
         assert "hdr-secret-b" not in document.model_dump_json()
