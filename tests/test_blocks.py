@@ -184,5 +184,5 @@ def test_a_workflow_block_saves_and_loads_with_its_bindings(prefect_api):
     workflow.save("test-smoke-image", overwrite=True)
     loaded = ComfyUIWorkflow.load("test-smoke-image")
     assert loaded.prompt == workflow.prompt and loaded.bindings == workflow.bindings
-    assert loaded.render({"prompt": "a red fox", "slug": "a-red-fox"}) == workflow.render(
-        {"prompt": "a red fox", "slug": "a-red-fox"})
+    params = {"prompt": "a red fox", "slug": "a-red-fox", "character_slug": "alice", "index": 0, "variant": 1}
+    assert loaded.render(params) == workflow.render(params)
