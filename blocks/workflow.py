@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import string
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from .errors import WorkflowError
 
@@ -190,7 +191,12 @@ def _read_json(path: Path, what: str) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise WorkflowError(f"{what} {str(path)!r} does not exist.") from None
+        where = "" if path.is_absolute() else f" (relative to the working directory {os.getcwd()!r})"
+        raise WorkflowError(
+            f"{what} {str(path)!r} does not exist{where}. On a Prefect worker, save the workflow as "
+            "a ComfyUI Workflow block ('comfy-pipeline workflow save NAME FILE') and give the "
+            "deployment that block, or an absolute path that exists on the worker."
+        ) from None
     except IsADirectoryError:
         raise WorkflowError(f"{what} {str(path)!r} is a directory, not a JSON file.") from None
     except UnicodeDecodeError as exc:
@@ -458,6 +464,8 @@ class ComfyUIWorkflow(Block):
         "'comfy-pipeline workflow save NAME FILE'."
     )
     _documentation_url = "https://docs.comfy.org/development/comfyui-server/comms_routes"
+    # How this choice reads in a flow's run form in the Prefect UI (beside "Workflow file").
+    model_config = ConfigDict(title="Saved workflow")
 
     prompt: dict[str, Any] = Field(
         description=(

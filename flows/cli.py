@@ -11,6 +11,7 @@ workflow that cannot be used (nothing was sent).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -101,7 +102,7 @@ def run(
     variants: int = typer.Option(1, "--variants", min=1, max=100, help="Generations per description."),
     output_dir: Path = typer.Option(Path("output"), "--output-dir", help="Where files are written."),
     seed_mode: SeedMode = typer.Option(SeedMode.random, "--seed-mode", help="random, fixed or increment."),
-    base_seed: Optional[int] = typer.Option(None, "--seed", help="Base seed for fixed/increment (default 0)."),
+    base_seed: int = typer.Option(0, "--seed", help="Base seed for fixed/increment."),
     param: Optional[List[str]] = typer.Option(None, "--param",
                                               help="Extra workflow parameter KEY=VALUE (repeatable)."),
     output_type: Optional[List[str]] = typer.Option(None, "--output-type",
@@ -217,6 +218,39 @@ def check(
         raise _fail(str(exc), 1) from None
     finally:
         connection.close()
+
+
+workflow_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                           help="Save workflows as ComfyUI Workflow blocks for deployments.")
+app.add_typer(workflow_app, name="workflow")
+
+
+@workflow_app.command("save")
+def workflow_save(
+    name: str = typer.Argument(..., help="Block name, e.g. sd15-portrait (lowercase letters, digits, dashes)."),
+    file: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                help="API-format workflow JSON (with its bindings, in the file or a sidecar)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a saved block of the same name."),
+) -> None:
+    """Check a workflow file and save it, with its bindings, as a ComfyUI Workflow block.
+
+    A deployment then refers to it as {"$ref": {"block_document_slug": "comfyui-workflow/NAME"}},
+    so a worker needs no copy of the file. Saved to the Prefect API of PREFECT_API_URL.
+    """
+    if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name):
+        raise _fail(f"block name {name!r}: use lowercase letters, digits and dashes, e.g. sd15-portrait", 2)
+    template = _workflow(file)
+    try:
+        template.save(name, overwrite=overwrite)
+    except ValueError as exc:  # Prefect: name already used without --overwrite, or an invalid name
+        reason = str(exc)
+        if "already" in reason.lower():
+            reason = f"a ComfyUI Workflow block named {name!r} exists; add --overwrite to replace it"
+        raise _fail(f"could not save {file} as {name!r}: {reason}", 2) from None
+    bound = ", ".join(sorted(template.bindings)) or "none"
+    typer.secho(f"saved {file} as ComfyUI Workflow block {name!r}: {len(template.prompt)} nodes, "
+                f"bindings {bound}", fg=typer.colors.GREEN)
+    typer.echo(f'use it in a deployment as {{"$ref": {{"block_document_slug": "comfyui-workflow/{name}"}}}}')
 
 
 def main() -> None:

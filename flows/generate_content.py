@@ -111,16 +111,17 @@ def _load_workflow(workflow: Union[ComfyUIWorkflow, str]) -> ComfyUIWorkflow:
 )
 def generate_content(
     server: Union[ComfyUIServer, ComfyUIServerPool],
-    workflow: Union[ComfyUIWorkflow, str],
+    workflow: Union[ComfyUIWorkflow, Annotated[str, Field(title="Workflow file")]],
     descriptions: Annotated[list[str], Field(min_length=1)],
     kind: Kind = "image",
     character: str = "character",
     variants: Annotated[int, Field(ge=1, le=100)] = 1,
     output_dir: str = "output",
     seed_mode: SeedMode = SeedMode.random,
-    base_seed: Optional[int] = None,
-    params: Optional[dict[str, Any]] = None,
-    output_types: Optional[list[str]] = None,
+    base_seed: int = 0,
+    # Real defaults (not None) so that the UI's form shows them; never mutated below.
+    params: dict[str, Any] = {},  # noqa: B006
+    output_types: Annotated[list[str], Field(min_length=1)] = ["output"],  # noqa: B006
     retries: Annotated[int, Field(ge=0, le=10)] = 2,
     retry_delay_s: Annotated[float, Field(ge=0)] = 5.0,
 ) -> list[GenerationResult]:
@@ -129,8 +130,9 @@ def generate_content(
     Args:
         server: the ComfyUI Server block, or a ComfyUI Server Pool block to spread the work
             over several servers (saved blocks in the UI, or instances).
-        workflow: an API-format workflow JSON path (bindings in the file or a
-            ``.bindings.json`` sidecar), or a saved ComfyUI Workflow block.
+        workflow: a saved ComfyUI Workflow block (what deployments use: the worker needs no
+            file), or an API-format workflow JSON path on the machine that runs the flow
+            (bindings in the file or a ``.bindings.json`` sidecar).
         descriptions: the text descriptions; each becomes ``variants`` generations.
         kind: ``image`` or ``video``; decides file naming and the report's labels.
         character: the character or campaign name, used in file names and artifact keys.
@@ -138,7 +140,7 @@ def generate_content(
         output_dir: local directory for the files; the server's subfolders are kept below it.
         seed_mode: ``random`` (default), ``fixed`` (``base_seed`` for all) or ``increment``
             (``base_seed + index * variants + variant``).
-        base_seed: the seed for ``fixed``/``increment``.
+        base_seed: the seed for ``fixed``/``increment`` (default 0).
         params: extra workflow parameters for the bindings, e.g. ``{"negative_prompt": "..."}``.
         output_types: ``/view`` types to download (default ``["output"]``; add ``"temp"`` for
             PreviewImage outputs).

@@ -422,6 +422,7 @@ def test_cancelling_a_manual_run_removes_its_prompts_and_says_so(
         artifacts = {a.key: a for a in stack.artifacts_of(flow_run_id)}
         summary = artifacts.get(f"{ARTIFACT_PREFIX}-summary")
         assert summary is not None, f"no summary artifact for the cancelled run: {list(artifacts)}"
+        print(f"[e2e] summary of the cancelled run:\n{summary.data}")
         assert "cancel" in summary.data.lower(), (
             f"the summary of a cancelled run does not say it was cancelled:\n{summary.data}")
     finally:
