@@ -33,6 +33,7 @@ from .errors import (
     AuthenticationFailed,
     ComfyUIError,
     ConnectionLost,
+    GenerationCancelled,
     GenerationTimeout,
     OutputError,
     PromptLost,
@@ -52,7 +53,7 @@ from .protocol import (
     queue_remaining_of,
 )
 
-logger = logging.getLogger("comfy_pipeline.connection")
+module_logger = logging.getLogger("comfy_pipeline.connection")
 
 _STABLE_AFTER_S = 10.0  # a socket up this long counts as healthy: its backoff starts over
 _MAX_BACKOFF_S = 5.0
@@ -124,9 +125,17 @@ class _Waiter:
 class _Closed:
     """Put into every waiter's inbox when the connection is finished for good."""
 
-    def __init__(self, reason: str, by_us: bool = False):
+    def __init__(self, reason: str, by_us: bool = False, interrupted: bool = False):
         self.reason = reason
         self.by_us = by_us
+        #: closed by us while ComfyUI was running this waiter's prompt (and we interrupted it)
+        self.interrupted = interrupted
+
+    def error(self, url: str, prompt_id: Optional[str]) -> ConnectionLost:
+        """The exception a waiter raises for this: :class:`GenerationCancelled` when we closed."""
+        if self.by_us:
+            return GenerationCancelled(url, prompt_id, interrupted=self.interrupted)
+        return ConnectionLost(url, self.reason, prompt_id)
 
 
 class _Reconcile:
@@ -138,7 +147,7 @@ def _notify(on_event: EventCallback, event: PromptEvent, tracker: PromptTracker)
     try:
         on_event(event, tracker)
     except Exception:
-        logger.exception("progress callback failed on %s event for prompt %s", event.kind, tracker.prompt_id)
+        module_logger.exception("progress callback failed on %s event for prompt %s", event.kind, tracker.prompt_id)
 
 
 def ws_url_for(http_url: str, client_id: str) -> str:
@@ -193,6 +202,9 @@ class ComfyUIConnection:
             cheap); more callers wait for a slot before they submit.
         slot_condition: a condition shared by the connections of a pool, so one waiter can wait
             for a free slot on any of them.
+        logger: where warnings (reconnects, lost prompts, removals) go; the flow passes its
+            Prefect run logger so they reach the flow run's logs in the UI from any thread.
+            Default: the ``comfy_pipeline.connection`` logger.
     """
 
     def __init__(
@@ -210,8 +222,12 @@ class ComfyUIConnection:
         http_timeout_s: float = 60.0,
         max_in_flight: int = 2,
         slot_condition: Optional[threading.Condition] = None,
+        logger: Optional[Union[logging.Logger, logging.LoggerAdapter]] = None,
     ):
         self.url = url.rstrip("/")
+        self._log = logger or module_logger
+        #: prompt ids that close() interrupted while ComfyUI was running them
+        self.interrupted_prompts: set[str] = set()
         self.client_id = uuid.uuid4().hex
         self.connect_timeout_s = connect_timeout_s
         self.generation_timeout_s = generation_timeout_s
@@ -268,7 +284,7 @@ class ComfyUIConnection:
             target=self._read_loop, name=f"comfyui-reader-{self.client_id[:8]}", daemon=True
         )
         self._reader.start()
-        logger.debug("connected to %s as client_id %s", self.url, self.client_id)
+        self._log.debug("connected to %s as client_id %s", self.url, self.client_id)
         return self
 
     def _handshake(self) -> websocket.WebSocket:
@@ -304,18 +320,23 @@ class ComfyUIConnection:
             in_flight = list(self._waiters)
         # From here the reader cannot install a new socket (see _reconnect), so self._ws is final.
         if cancel_in_flight and in_flight:
-            logger.warning("closing with %d prompt(s) in flight on %s: removing them from the server",
-                           len(in_flight), self.url)
+            self._log.warning("closing with %d prompt(s) in flight on %s: removing them from the server",
+                              len(in_flight), self.url)
+            snapshot = self._queue_snapshot()
+            running = snapshot[0] if snapshot else set()
+            # Wake the waiters before removing their prompts, so none of them reads ComfyUI's
+            # execution_interrupted as a failure of its own.
             self._wake_all("the connection was closed (the flow run ended or was cancelled) and the "
-                           "prompt was removed from the server")
-            self.cancel_prompts(in_flight)
+                           "prompt was removed from the server", interrupted=running)
+            self.cancel_prompts(in_flight, snapshot=snapshot)
+            self.interrupted_prompts.update(set(in_flight) & running)
         self._closing.set()
         ws = self._ws
         if ws is not None:
             try:
                 ws.send_close()
             except (OSError, websocket.WebSocketException) as exc:
-                logger.debug("close frame not sent: %s", exc)
+                self._log.debug("close frame not sent: %s", exc)
             if self._reader is not None:
                 self._reader.join(timeout=2.0)
             self._shutdown_socket(ws)
@@ -323,7 +344,7 @@ class ComfyUIConnection:
             # A reconnect handshake in progress cannot be interrupted; it ends within connect_timeout_s.
             self._reader.join(timeout=self.connect_timeout_s + 2.0)
             if self._reader.is_alive():
-                logger.error("the WebSocket reader for %s did not stop", self.url)
+                self._log.error("the WebSocket reader for %s did not stop", self.url)
         self._wake_all("the connection was closed")
         self.http.close()
 
@@ -332,7 +353,7 @@ class ComfyUIConnection:
         try:
             ws.shutdown()
         except (OSError, websocket.WebSocketException) as exc:
-            logger.debug("socket shutdown: %s", exc)
+            module_logger.debug("socket shutdown: %s", exc)
 
     def __enter__(self) -> "ComfyUIConnection":
         return self.open()
@@ -360,21 +381,21 @@ class ComfyUIConnection:
                     break
                 self.stats.disconnects += 1
                 self._dropped_reason = reason
-                logger.warning("WebSocket to %s dropped (%s); reconnecting as client_id %s",
+                self._log.warning("WebSocket to %s dropped (%s); reconnecting as client_id %s",
                                self.url, reason, self.client_id)
                 self._shutdown_socket(ws)
                 if self._reconnect(reason) is None:
                     break
                 self._dropped_reason = None
                 self.stats.reconnects += 1
-                logger.warning("WebSocket to %s reconnected; checking %d prompt(s) in flight",
+                self._log.warning("WebSocket to %s reconnected; checking %d prompt(s) in flight",
                                self.url, len(self._waiters))
                 with self._lock:
                     waiters = list(self._waiters.values())
                 for waiter in waiters:
                     waiter.inbox.put(_Reconcile())
         except Exception as exc:  # a bug of ours must not leave waiters hanging
-            logger.exception("WebSocket reader crashed")
+            self._log.exception("WebSocket reader crashed")
             reason = f"the WebSocket reader crashed: {type(exc).__name__}: {exc}"
         finally:
             if not self._closing.is_set():
@@ -391,10 +412,10 @@ class ComfyUIConnection:
                         self._route_text(payload)
                     except Exception:  # one odd frame must never take the reader down
                         self.stats.malformed_frames += 1
-                        logger.exception("skipped a text frame that could not be handled: %r", payload[:200])
+                        self._log.exception("skipped a text frame that could not be handled: %r", payload[:200])
                 elif opcode == websocket.ABNF.OPCODE_BINARY:
                     self.stats.binary_frames_skipped += 1
-                    logger.debug("skipped binary frame, event type %s, %d bytes",
+                    self._log.debug("skipped binary frame, event type %s, %d bytes",
                                  binary_event_type(payload), len(payload))
                 elif opcode == websocket.ABNF.OPCODE_CLOSE:
                     return "the server closed the WebSocket"
@@ -435,7 +456,7 @@ class ComfyUIConnection:
                 self._connected_at = time.monotonic()
             return ws
         if not self._closing.is_set():
-            logger.error("gave up reconnecting to %s after %g s: %s", self.url, self.reconnect_timeout_s, last)
+            self._log.error("gave up reconnecting to %s after %g s: %s", self.url, self.reconnect_timeout_s, last)
         return None
 
     def _route_text(self, payload: bytes | str) -> None:
@@ -443,7 +464,7 @@ class ComfyUIConnection:
         msg = parse_text_frame(payload)
         if msg is None:
             self.stats.malformed_frames += 1
-            logger.debug("skipped malformed text frame: %r", payload[:200])
+            self._log.debug("skipped malformed text frame: %r", payload[:200])
             return
         if msg["type"] == "status":
             remaining = queue_remaining_of(msg)
@@ -452,7 +473,7 @@ class ComfyUIConnection:
             return
         prompt_id = prompt_id_of(msg)
         if prompt_id is None:
-            logger.debug("message without prompt_id: %s", msg["type"])
+            self._log.debug("message without prompt_id: %s", msg["type"])
             return
         with self._lock:
             waiter = self._waiters.get(prompt_id)
@@ -461,11 +482,12 @@ class ComfyUIConnection:
             return
         waiter.inbox.put((time.monotonic(), msg))
 
-    def _wake_all(self, reason: str) -> None:
+    def _wake_all(self, reason: str, interrupted: Iterable[str] = ()) -> None:
+        interrupted = set(interrupted)
         with self._lock:
-            waiters = list(self._waiters.values())
-        for waiter in waiters:
-            waiter.inbox.put(_Closed(reason, by_us=self._closed))
+            waiters = list(self._waiters.items())
+        for prompt_id, waiter in waiters:
+            waiter.inbox.put(_Closed(reason, by_us=self._closed, interrupted=prompt_id in interrupted))
 
     # ----------------------------------------------------------------- HTTP conveniences
     def system_stats(self) -> dict:
@@ -505,12 +527,17 @@ class ComfyUIConnection:
         with self._slot_cond:
             while self._slots_taken >= self.max_in_flight:
                 if not self.usable:
-                    raise ConnectionLost(self.url, self._dead_reason or "the connection is closed", closed_by_us=self._closed)
+                    raise self._unusable()
                 if not block:
                     return False
                 self._slot_cond.wait(0.5)
             self._slots_taken += 1
             return True
+
+    def _unusable(self) -> ConnectionLost:
+        if self._closed:
+            return GenerationCancelled(self.url)
+        return ConnectionLost(self.url, self._dead_reason or "the connection is closed")
 
     def _release_slot(self) -> None:
         with self._slot_cond:
@@ -521,7 +548,7 @@ class ComfyUIConnection:
         if not self.usable:
             if reserved:
                 self._release_slot()
-            raise ConnectionLost(self.url, self._dead_reason or "the connection is closed", closed_by_us=self._closed)
+            raise self._unusable()
         if not reserved:
             self.reserve_slot()
         node_types = {str(k): v.get("class_type") for k, v in (prompt or {}).items() if isinstance(v, Mapping)}
@@ -561,7 +588,7 @@ class ComfyUIConnection:
             answer = self.http.post_prompt(body)
         except ServerUnreachable:
             if self._server_has(prompt_id):
-                logger.warning("POST /prompt for %s failed in transport but the server has it; "
+                self._log.warning("POST /prompt for %s failed in transport but the server has it; "
                                "following it instead of posting again", prompt_id)
                 self.stats.prompts_submitted += 1
                 return prompt_id
@@ -573,7 +600,7 @@ class ComfyUIConnection:
         self.stats.prompts_submitted += 1
         if answer.get("node_errors"):
             # HTTP 200 with node_errors: the valid outputs run, the invalid ones are dropped.
-            logger.warning("%s", PromptValidationError({"message": "some outputs were dropped"},
+            self._log.warning("%s", PromptValidationError({"message": "some outputs were dropped"},
                                                       answer["node_errors"]))
         returned = answer.get("prompt_id")
         if returned and returned != prompt_id:  # a server that ignores the client's prompt_id
@@ -588,7 +615,7 @@ class ComfyUIConnection:
         try:
             return self.prompt_status(prompt_id)[0] != "unknown"
         except ComfyUIError as exc:
-            logger.debug("could not check %s after a failed POST: %s", prompt_id, exc)
+            self._log.debug("could not check %s after a failed POST: %s", prompt_id, exc)
             return False
 
     def prompt_status(self, prompt_id: str) -> tuple[PromptStatus, dict]:
@@ -692,7 +719,7 @@ class ComfyUIConnection:
                             _notify(on_event, PromptEvent("waiting"), tracker)
                     continue
                 if isinstance(item, _Closed):
-                    raise ConnectionLost(self.url, item.reason, prompt_id, closed_by_us=item.by_us)
+                    raise item.error(self.url, prompt_id)
                 if isinstance(item, _Reconcile):
                     # after a reconnect; a flapping socket must not turn this into a request storm
                     if time.monotonic() - last_reconcile >= _MIN_RECONCILE_INTERVAL_S:
@@ -725,7 +752,7 @@ class ComfyUIConnection:
             except queue.Empty:
                 return
             if isinstance(item, _Closed):
-                raise ConnectionLost(self.url, item.reason, waiter.tracker.prompt_id, closed_by_us=item.by_us)
+                raise item.error(self.url, waiter.tracker.prompt_id)
             if not isinstance(item, _Reconcile):
                 self._feed(waiter, item[1], item[0], on_event)
 
@@ -760,7 +787,7 @@ class ComfyUIConnection:
             status, entry = self.prompt_status(tracker.prompt_id)
         except (ServerUnreachable, ServerError) as exc:
             waiter.unreachable = str(exc)
-            logger.debug("could not reconcile %s: %s", tracker.prompt_id, exc)
+            self._log.debug("could not reconcile %s: %s", tracker.prompt_id, exc)
             return
         waiter.unreachable = None
         now = time.monotonic()
@@ -776,7 +803,7 @@ class ComfyUIConnection:
             waiter.missing_polls = 0
         else:
             waiter.missing_polls += 1
-            logger.warning("prompt %s not found on %s (%d of %d checks)", tracker.prompt_id,
+            self._log.warning("prompt %s not found on %s (%d of %d checks)", tracker.prompt_id,
                            self.url, waiter.missing_polls, self.lost_after_polls)
             if waiter.missing_polls >= self.lost_after_polls:
                 raise PromptLost(tracker.prompt_id, self.url, waiter.missing_polls)
@@ -791,23 +818,32 @@ class ComfyUIConnection:
         """Remove one prompt of ours from the server (see :meth:`cancel_prompts`)."""
         self.cancel_prompts([prompt_id])
 
-    def cancel_prompts(self, prompt_ids: Iterable[str]) -> None:
+    def _queue_snapshot(self) -> Optional[tuple[set[str], set[str]]]:
+        """``(running, pending)`` prompt ids from ``GET /queue``, or None (logged) if it fails."""
+        try:
+            return self.http.queue_ids()
+        except ComfyUIError as exc:
+            self._log.warning("could not read the queue of %s: %s", self.url, exc)
+            return None
+
+    def cancel_prompts(self, prompt_ids: Iterable[str], *,
+                       snapshot: Optional[tuple[set[str], set[str]]] = None) -> None:
         """Remove prompts of ours from the server, never touching anyone else's.
 
         Pending ones first (``POST /queue {"delete": [...]}``), so none of them starts while
         the running one is stopped; then ``POST /interrupt {"prompt_id": id}`` for one that is
-        running (never a bare global interrupt). Failures are logged, not raised (this runs on
-        error paths).
+        running (never a bare global interrupt). ``snapshot``: ``(running, pending)`` from a
+        ``GET /queue`` just made. Failures are logged, not raised (this runs on error paths).
         """
         ours = set(prompt_ids)
         try:
-            running, pending = self.http.queue_ids()
+            running, pending = snapshot or self.http.queue_ids()
             for prompt_id in sorted(ours & pending):
                 self.http.delete_pending(prompt_id)
             for prompt_id in sorted(ours & running):
                 self.http.interrupt(prompt_id)
         except ComfyUIError as exc:
-            logger.warning("could not remove prompt(s) %s from %s: %s", ", ".join(sorted(ours)), self.url, exc)
+            self._log.warning("could not remove prompt(s) %s from %s: %s", ", ".join(sorted(ours)), self.url, exc)
 
     def wait_for_history(self, prompt_id: str, *, within_s: float = 5.0) -> dict:
         """``GET /history/{prompt_id}``, retried for up to ``within_s`` seconds.

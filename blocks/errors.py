@@ -169,6 +169,25 @@ class ConnectionLost(ComfyUIError):
         super().__init__(f"WebSocket to ComfyUI at {url} was lost{which}: {reason}.{hint}")
 
 
+class GenerationCancelled(ConnectionLost):
+    """The flow run was cancelled, interrupted or ended while this generation was in flight.
+
+    We closed the connection ourselves, first removing the prompt from the server:
+    ``interrupted`` is True when ComfyUI was running it (``POST /interrupt`` by
+    ``prompt_id``), False when it was still queued (deleted) or not yet submitted. Never retried.
+    """
+
+    def __init__(self, url: str, prompt_id: str | None = None, *, interrupted: bool = False):
+        self.interrupted = interrupted
+        if interrupted:
+            reason = "the run was cancelled; ComfyUI was running this prompt and it was interrupted"
+        elif prompt_id:
+            reason = "the run was cancelled; the prompt was removed from ComfyUI's queue before it ran"
+        else:
+            reason = "the run was cancelled before this generation was submitted"
+        super().__init__(url, reason, prompt_id, closed_by_us=True)
+
+
 class ServerError(ComfyUIError):
     """The server answered with an unexpected HTTP status (5xx or other)."""
 

@@ -15,11 +15,12 @@ from collections import Counter
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .connection import ComfyUIConnection, PromptOutcome, PromptStatus
-from .errors import ComfyUIError, ConnectionLost, ServerError, ServerUnreachable
+from .errors import ComfyUIError, ConnectionLost, GenerationCancelled, ServerError, ServerUnreachable
 from .protocol import OutputRef
 from .server import ComfyUIServer, ComfyUIServerPool
 
-logger = logging.getLogger("comfy_pipeline.pool")
+module_logger = logging.getLogger("comfy_pipeline.pool")
+Logger = Union[logging.Logger, logging.LoggerAdapter]
 
 
 class ConnectionPool:
@@ -29,18 +30,25 @@ class ConnectionPool:
         connections: open connections that share ``slot_condition`` (see :meth:`open`).
         slot_condition: the condition their in-flight slots are guarded by.
         unreachable: ``{url: reason}`` of servers that could not be opened.
+        logger: where the pool's warnings go (the flow's Prefect run logger).
     """
 
     def __init__(self, connections: Sequence[ComfyUIConnection], slot_condition: threading.Condition,
-                 unreachable: Optional[Mapping[str, str]] = None):
+                 unreachable: Optional[Mapping[str, str]] = None, *, logger: Optional[Logger] = None):
         self.connections = list(connections)
         self.unreachable = dict(unreachable or {})
         self._cond = slot_condition
         self._assigned: Counter = Counter()
+        self._log = logger or module_logger
+        self._closed = False
 
     @classmethod
-    def open(cls, server: Union[ComfyUIServer, ComfyUIServerPool, Iterable[ComfyUIServer]]) -> "ConnectionPool":
+    def open(cls, server: Union[ComfyUIServer, ComfyUIServerPool, Iterable[ComfyUIServer]], *,
+             logger: Optional[Logger] = None) -> "ConnectionPool":
         """Connect to every server; servers that fail are logged and left out.
+
+        ``logger`` receives every warning of the pool and its connections, from any thread
+        (pass Prefect's run logger so they reach the flow run's logs).
 
         Raises:
             the first server's error (``ServerUnreachable``, ``AuthenticationFailed``) when no
@@ -52,19 +60,21 @@ class ConnectionPool:
             servers = server.load_servers()
         else:
             servers = list(server)
+        log = logger or module_logger
         cond = threading.Condition()
         connections, unreachable, first_error = [], {}, None
         for block in servers:
             try:
-                connections.append(block.connect(slot_condition=cond))
+                connections.append(block.connect(slot_condition=cond, logger=log))
             except ComfyUIError as exc:
                 first_error = first_error or exc
                 unreachable[block.url] = str(exc)
-                logger.error("left out of this run: %s", exc)
+                if len(servers) > 1:
+                    log.warning("%s is left out of this run: %s", block.url, exc)
         if not connections:
             assert first_error is not None
             raise first_error
-        return cls(connections, cond, unreachable)
+        return cls(connections, cond, unreachable, logger=log)
 
     def __enter__(self) -> "ConnectionPool":
         return self
@@ -79,11 +89,22 @@ class ConnectionPool:
         raise TypeError("ConnectionPool holds live connections and cannot be pickled")
 
     def close(self) -> None:
-        """Close every connection (each removes its in-flight prompts from its server first)."""
+        """Close every connection (each removes its in-flight prompts from its server first).
+
+        Generations waiting for a slot then raise :class:`GenerationCancelled`.
+        """
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
         for connection in self.connections:
             connection.close()
         with self._cond:
             self._cond.notify_all()
+
+    @property
+    def interrupted_prompts(self) -> set[str]:
+        """Prompt ids that :meth:`close` interrupted while ComfyUI was running them."""
+        return set().union(*(c.interrupted_prompts for c in self.connections))
 
     @property
     def urls(self) -> list[str]:
@@ -93,10 +114,13 @@ class ConnectionPool:
         """Wait for a free in-flight slot on any live server; take it on the best one.
 
         Raises:
+            GenerationCancelled: the pool was closed (the run ended or was cancelled).
             ConnectionLost: no server of the pool is usable any more.
         """
         with self._cond:
             while True:
+                if self._closed:
+                    raise GenerationCancelled(", ".join(self.urls))
                 live = [c for c in self.connections if c.usable]
                 if not live:
                     raise ConnectionLost(", ".join(self.urls), "no server of the pool is usable any more")
@@ -118,7 +142,7 @@ class ConnectionPool:
             try:
                 status, _ = connection.prompt_status(prompt_id)
             except (ServerUnreachable, ServerError) as exc:
-                logger.debug("could not ask %s about %s: %s", connection.url, prompt_id, exc)
+                self._log.debug("could not ask %s about %s: %s", connection.url, prompt_id, exc)
                 continue
             if status != "unknown":
                 return status, connection

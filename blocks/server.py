@@ -114,6 +114,26 @@ class ComfyUIServer(Block):
             )
         return value.strip().rstrip("/")
 
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _empty_headers(cls, value: Any) -> Any:
+        # Prefect records an unsaved block's empty headers in a flow run's parameters as "".
+        return {} if value in ("", None) else value
+
+    @field_validator("api_key", "headers")
+    @classmethod
+    def _not_masked(cls, value: Any) -> Any:
+        secrets = ([value.get_secret_value()] if isinstance(value, SecretStr) else
+                   list((value.get_secret_value() if value is not None else {}).values()))
+        if any(isinstance(v, str) and len(v) >= 8 and set(v) == {"*"} for v in secrets):
+            raise ValueError(
+                "a secret of this ComfyUI Server is the mask Prefect shows instead of it "
+                "('********'): the server was not a saved block when this flow run started, so "
+                "its secrets were not recorded. Save the server as a block and start a new run "
+                "with it (deployments always use saved blocks)"
+            )
+        return value
+
     def request_headers(self) -> dict[str, str]:
         """The headers sent on HTTP and WebSocket: ``headers`` plus ``Authorization`` if set."""
         headers = {str(k): str(v) for k, v in self.headers.get_secret_value().items()}
@@ -125,8 +145,10 @@ class ComfyUIServer(Block):
         """The WebSocket URL for ``client_id``: ``ws(s)://host/ws?clientId=<client_id>``."""
         return ws_url_for(self.url, client_id)
 
-    def connect(self, *, slot_condition=None) -> ComfyUIConnection:
+    def connect(self, *, slot_condition=None, logger=None) -> ComfyUIConnection:
         """Open one connection: ``GET /system_stats``, then ``/ws?clientId=<uuid4>``.
+
+        ``logger``: where the connection's warnings go (default: ``comfy_pipeline.connection``).
 
         Returns:
             an open :class:`ComfyUIConnection`; use it as a context manager or call
@@ -147,6 +169,7 @@ class ComfyUIServer(Block):
             reconnect_timeout_s=self.reconnect_timeout_s,
             max_in_flight=self.max_in_flight,
             slot_condition=slot_condition,
+            logger=logger,
         )
         return connection.open()
 

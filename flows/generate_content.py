@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, Union
 
 from prefect import flow, get_run_logger, runtime, unmapped
+from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -30,9 +31,9 @@ from ..blocks.errors import ComfyUIError, WorkflowError
 from ..blocks.pool import ConnectionPool
 from ..blocks.server import ComfyUIServer, ComfyUIServerPool
 from ..blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding
-from ..tasks.generate import generate
+from ..tasks.generate import earlier_prompt_ids, generate, one_line_failures
 from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
-from ..tasks.report import Outcome, ProgressReport, RunFacts, write_report
+from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, write_report
 
 #: Generations in flight at once on one connection (threads of the task runner).
 DEFAULT_CONCURRENCY = 8
@@ -81,19 +82,56 @@ def plan_generations(
 
 
 def _run_all(task, connection, template, specs, settings, outcomes: dict, progress) -> None:
-    """Map ``task`` over ``specs`` on the shared connection; record each outcome as it finishes."""
+    """Map ``task`` over ``specs`` on the shared connection; record each outcome as it finishes.
+
+    Returns the positions whose result came back from an earlier attempt of the flow run
+    (its persisted result: the generation was not sent to ComfyUI again).
+    """
+    attempt = max(1, runtime.flow_run.run_count or 1)
     futures = task.map(unmapped(connection), unmapped(template), specs, unmapped(settings))
     spec_of = {future.task_run_id: spec for future, spec in zip(futures, specs)}
+    reused = set()
     for future in as_completed(list(futures)):
-        outcomes[spec_of[future.task_run_id].position] = future.result(raise_on_failure=False)
+        position = spec_of[future.task_run_id].position
+        future.wait()  # as_completed() may yield before the future's final state is known
+        state = future.state
+        if state.is_cancelled():  # the run was cancelled or stopped around this generation
+            status, _, reason = (state.message or "cancelled: ").partition(": ")
+            outcomes[position] = Stopped("interrupted" if status == "interrupted" else "cancelled", reason)
+        else:
+            outcome = outcomes[position] = future.result(raise_on_failure=False)
+            if isinstance(outcome, GenerationResult) and outcome.flow_attempt < attempt:
+                reused.add(position)
         if progress is not None:
             progress.advance()
+    return reused
 
 
-def _write_report(logger, specs, outcomes, facts: RunFacts, began: float) -> None:
+def _stop_reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(exc, TerminationSignal):
+        return "cancelled, or its process was terminated (signal %d)" % exc.signal
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _mark_stopped(specs, outcomes: dict, connection: ConnectionPool, retries: int, reason: str) -> None:
+    """Generations without an outcome when the run stopped: ``interrupted`` if ComfyUI was
+    running one of their prompts (close() interrupted it), else ``cancelled``."""
+    interrupted = connection.interrupted_prompts
+    flow_attempt = max(1, runtime.flow_run.run_count or 1)
+    for spec in specs:
+        if spec.position in outcomes:
+            continue
+        attempts = set(earlier_prompt_ids(spec.prompt_id, flow_attempt, retries + 2, retries + 1))
+        status = "interrupted" if attempts & interrupted else "cancelled"
+        outcomes[spec.position] = Stopped(status, f"the run was {reason}")
+
+
+def _write_report(logger, specs, outcomes, facts: RunFacts, began: float, reused=frozenset()) -> None:
     facts.wall_s = time.monotonic() - began
     try:
-        write_report(specs, outcomes, facts)
+        write_report(specs, outcomes, facts, frozenset(reused))
     except Exception:  # the report must not hide the run's own outcome
         logger.exception("could not write the report artifacts")
 
@@ -180,14 +218,15 @@ def generate_content(
         retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s) if retries else 0,
     )
     facts = RunFacts(character=character, kind=kind, server_url=server.url,
-                     output_dir=settings.output_dir, wall_s=0.0)
+                     output_dir=settings.output_dir, wall_s=0.0,
+                     attempt=max(1, runtime.flow_run.run_count or 1))
     outcomes: dict[int, Outcome] = {}
     progress = ProgressReport(character, kind, len(specs))
     logger.info("%d %s generation(s) for %s: %d description(s) x %d variant(s) on %s",
                 len(specs), kind, character, len(descriptions), variants, server.url)
     try:
-        connection = ConnectionPool.open(server)
-    except ComfyUIError as exc:
+        connection = ConnectionPool.open(server, logger=logger)
+    except (ComfyUIError, ValueError) as exc:  # ValueError: a pool names a block that is not saved
         logger.error("%s", exc)
         facts.fatal_error = f"{type(exc).__name__}: {exc}"
         _write_report(logger, specs, outcomes, facts, began)
@@ -195,27 +234,38 @@ def generate_content(
 
     facts.client_id = ", ".join(c.client_id for c in connection.connections)
     facts.notes += [f"Server {url} was left out: {why}" for url, why in connection.unreachable.items()]
+    reused: set[int] = set()
     try:
-        _run_all(task, connection, template, specs, settings, outcomes, progress)
-        # A result that came back from an earlier attempt of this flow run whose files were
-        # deleted since: run that generation again.
-        stale = [s for s in specs if isinstance(outcomes.get(s.position), GenerationResult)
-                 and not all(Path(f.path).is_file() for f in outcomes[s.position].files)]
-        if stale:
-            logger.warning("%d completed generation(s) lost files on disk; running them again", len(stale))
-            _run_all(task.with_options(refresh_cache=True), connection, template, stale, settings,
-                     outcomes, None)
+        with one_line_failures():
+            reused = _run_all(task, connection, template, specs, settings, outcomes, progress)
+            # A result that came back from an earlier attempt of this flow run whose files were
+            # deleted since: run that generation again.
+            stale = [s for s in specs if isinstance(outcomes.get(s.position), GenerationResult)
+                     and not all(Path(f.path).is_file() for f in outcomes[s.position].files)]
+            if stale:
+                logger.warning("%d completed generation(s) lost files on disk; running them again", len(stale))
+                reused -= {s.position for s in stale}
+                _run_all(task.with_options(refresh_cache=True), connection, template, stale, settings,
+                         outcomes, None)
+    except BaseException as exc:  # cancelled from the UI or CLI (SIGTERM), Ctrl-C, a crash
+        facts.stopped = _stop_reason(exc)
+        logger.warning("the run was %s: removing our prompts from the server", facts.stopped)
+        raise
     finally:
         # Also on failure or cancellation: prompts still in flight are removed from the server.
         connection.close()
+        if facts.stopped:
+            _mark_stopped(specs, outcomes, connection, retries, facts.stopped)
         facts.connections_opened = sum(st.connections_opened for st in connection.stats().values())
         facts.reconnects = sum(st.reconnects for st in connection.stats().values())
         facts.servers = connection.urls
-        _write_report(logger, specs, outcomes, facts, began)
+        _write_report(logger, specs, outcomes, facts, began, reused)
 
     results = [o for o in (outcomes.get(s.position) for s in specs) if isinstance(o, GenerationResult)]
     failed = len(specs) - len(results)
     if failed:
         return Failed(message=f"{failed} of {len(specs)} generations failed")
+    if reused:
+        logger.info("%d generation(s) reused from an earlier attempt of this flow run", len(reused))
     logger.info("all %d generations finished in %.1f s", len(specs), facts.wall_s)
     return results

@@ -13,17 +13,23 @@ followed (re-attached) instead of posting again. Only transient failures are ret
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 import uuid
 from pathlib import Path
+from typing import Union
 
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import DEFAULT
+from prefect.states import Cancelled, State
 
 from ..blocks.connection import ComfyUIConnection, PromptOutcome
 from ..blocks.pool import ConnectionPool
 from ..blocks.errors import (
+    ComfyUIError,
     ConnectionLost,
+    GenerationCancelled,
     GenerationTimeout,
     OutputError,
     PromptLost,
@@ -35,6 +41,7 @@ from ..blocks.workflow import ComfyUIWorkflow
 
 from .models import GenerationResult, GenerationSettings, GenerationSpec, OutputFile
 from .outputs import candidate_paths, output_subdir, planned_name, safe_stem
+from .report import trim
 
 
 def workflow_params(spec: GenerationSpec, settings: GenerationSettings) -> dict:
@@ -153,6 +160,35 @@ def _run_or_reattach(
     return connection.run_prompt(prompt, prompt_id=current, **options)
 
 
+class OneLineFailures(logging.Filter):
+    """Lowers Prefect's task-engine records of our own errors to DEBUG.
+
+    Prefect logs a failed task run at ERROR with its traceback (~40 lines in the UI). A
+    :class:`ComfyUIError` message already says what failed and what to do, and :func:`generate`
+    logs it as one line naming the description, variant and ``prompt_id``; the engine's record,
+    traceback included, is kept at DEBUG. Install it on the ``prefect.task_runs`` logger for the
+    duration of a flow run (:func:`one_line_failures`).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ComfyUIError) and record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+@contextlib.contextmanager
+def one_line_failures():
+    """Install :class:`OneLineFailures` on Prefect's task-run logger while the block runs."""
+    engine_logger = logging.getLogger("prefect.task_runs")
+    failures_filter = OneLineFailures()
+    engine_logger.addFilter(failures_filter)
+    try:
+        yield
+    finally:
+        engine_logger.removeFilter(failures_filter)
+
+
 @task(
     name="generate",
     task_run_name="generate-{settings.kind}-d{spec.index}-v{spec.variant}",
@@ -169,7 +205,7 @@ def generate(
     workflow: ComfyUIWorkflow,
     spec: GenerationSpec,
     settings: GenerationSettings,
-) -> GenerationResult:
+) -> Union[GenerationResult, State]:
     """Run one generation on the shared connection and save its files.
 
     Args:
@@ -180,7 +216,10 @@ def generate(
         settings: what all generations of the run share (kind, character, output_dir...).
 
     Returns:
-        a :class:`GenerationResult` with every file written and the durations in seconds.
+        a :class:`GenerationResult` with every file written and the durations in seconds; or a
+        ``Cancelled`` state (message ``interrupted: ...`` or ``cancelled: ...``) when the run was
+        cancelled or stopped while this generation waited or ran (its prompt is removed from
+        the server by the connection's ``close()``).
 
     Raises:
         WorkflowError: the bindings cannot be applied (nothing was sent).
@@ -191,8 +230,26 @@ def generate(
         OutputError: a file could not be downloaded or would escape ``output_dir``.
     """
     logger = get_run_logger()
-    began = time.monotonic()
     progress = _ProgressLog(logger, spec, settings)
+    try:
+        return _generate(connection, workflow, spec, settings, progress)
+    except GenerationCancelled as exc:
+        # Not a failure of the generation: the run was cancelled or stopped around it.
+        logger.warning("%s: %s", progress.prefix, exc.reason)
+        return Cancelled(message=f"{'interrupted' if exc.interrupted else 'cancelled'}: {exc.reason}")
+    except ComfyUIError as exc:
+        attempt = max(1, runtime.task_run.run_count or 1)
+        if not (is_transient(exc) and attempt <= settings.retries):
+            logger.error("%s (%r) failed, prompt_id %s: %s: %s", progress.prefix, trim(spec.description),
+                         getattr(exc, "prompt_id", None) or spec.prompt_id, type(exc).__name__, exc)
+        logger.debug("%s: traceback of %s", progress.prefix, type(exc).__name__, exc_info=True)
+        raise
+
+
+def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: GenerationSpec,
+              settings: GenerationSettings, progress: _ProgressLog) -> GenerationResult:
+    logger = progress.logger
+    began = time.monotonic()
     prompt = workflow.render(workflow_params(spec, settings))
     outcome, refs, server = _run_or_reattach(connection, prompt, spec, settings, progress)
 
@@ -239,4 +296,5 @@ def generate(
         execution_s=round(outcome.execution_s, 3),
         download_s=round(download_s, 3),
         total_s=round(total_s, 3),
+        flow_attempt=max(1, runtime.flow_run.run_count or 1),
     )

@@ -79,6 +79,9 @@ class GenerationResult(BaseModel):
     execution_s: float
     download_s: float
     total_s: float
+    flow_attempt: int = Field(
+        default=1, ge=1,
+        description="The attempt of the flow run that ran it (a later attempt reuses this result).")
 
     @property
     def total_bytes(self) -> int:

@@ -23,7 +23,21 @@ from prefect.artifacts import (
 
 from .models import GenerationResult, GenerationSpec
 
-Outcome = Union[GenerationResult, BaseException]
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """A generation that did not finish because the run was cancelled or stopped.
+
+    ``status`` is ``interrupted`` (ComfyUI was running its prompt, which was interrupted by
+    ``prompt_id``) or ``cancelled`` (queued on the server and deleted, or never submitted).
+    """
+
+    status: str
+    reason: str
+
+
+Outcome = Union[GenerationResult, BaseException, Stopped]
 
 
 def artifact_key(character: str, kind: str, what: str) -> str:
@@ -39,22 +53,24 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _trim(text: str, limit: int = 60) -> str:
+def trim(text: str, limit: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome]) -> list[dict]:
+def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome],
+               reused: frozenset[int] = frozenset()) -> list[dict]:
     """One row per planned generation, in plan order; ``outcomes`` is keyed by ``spec.position``.
 
-    A spec with no outcome (the run stopped first) is reported as ``not run``.
+    ``reused``: positions whose result came back from an earlier attempt of the flow run
+    (status ``reused``). A spec with no outcome (the run stopped first) is ``not run``.
     """
     rows = []
     for spec in specs:
         outcome = outcomes.get(spec.position)
         row = {
             "index": spec.index,
-            "description": _trim(spec.description),
+            "description": trim(spec.description),
             "variant": spec.variant,
             "status": "not run",
             "prompt_id": spec.prompt_id,
@@ -67,9 +83,11 @@ def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome]) -> lis
             "files": "",
             "error": "",
         }
-        if isinstance(outcome, GenerationResult):
+        if isinstance(outcome, Stopped):
+            row.update(status=outcome.status, error=outcome.reason)
+        elif isinstance(outcome, GenerationResult):
             row.update(
-                status=outcome.status,
+                status="reused" if spec.position in reused else outcome.status,
                 prompt_id=outcome.prompt_id,
                 server=outcome.server,
                 queued_s=outcome.queued_s,
@@ -103,33 +121,59 @@ class RunFacts:
     client_id: Optional[str] = None
     servers: list[str] = field(default_factory=list)
     fatal_error: Optional[str] = None
+    #: why the run stopped before every generation finished (cancelled, SIGTERM, Ctrl-C)
+    stopped: Optional[str] = None
+    #: which attempt of the flow run this is (2 and more after a retry)
+    attempt: int = 1
     notes: list[str] = field(default_factory=list)
 
 
 def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0) -> str:
-    """The markdown summary: totals, failures with reasons, wall time, throughput, connection."""
+    """The markdown summary: totals, failures with reasons, wall time, throughput, connection.
+
+    Generations per minute and the servers' busy time count this attempt's work only: a row
+    ``reused`` from an earlier attempt of the flow run has its own count.
+    """
     total = len(rows)
     by_status: dict[str, int] = {}
     for row in rows:
         by_status[row["status"]] = by_status.get(row["status"], 0) + 1
-    finished = by_status.get("completed", 0) + by_status.get("cached", 0)
+    ran = by_status.get("completed", 0) + by_status.get("cached", 0)
+    reused = by_status.get("reused", 0)
     failed = by_status.get("failed", 0)
-    per_minute = (finished / facts.wall_s * 60.0) if facts.wall_s > 0 else 0.0
-    lines = [
-        f"# {facts.character}: {facts.kind} generations",
-        "",
-        f"**{finished} of {total} generations succeeded**, {failed} failed"
-        + (f", {by_status['not run']} not run" if by_status.get("not run") else "")
-        + ".",
+    stopped = by_status.get("interrupted", 0) + by_status.get("cancelled", 0)
+    per_minute = (ran / facts.wall_s * 60.0) if facts.wall_s > 0 else 0.0
+    headline = f"**{ran + reused} of {total} generations succeeded**"
+    if reused:
+        headline += f" ({ran} in this attempt, {reused} reused from an earlier attempt)"
+    headline += f", {failed} failed"
+    for status in ("interrupted", "cancelled", "not run"):
+        if by_status.get(status):
+            headline += f", {by_status[status]} {status}"
+    lines = [f"# {facts.character}: {facts.kind} generations", ""]
+    if facts.stopped:
+        lines += [f"**The run was stopped: {facts.stopped}.** Prompts still queued or running were "
+                  f"removed from the server: {by_status.get('interrupted', 0)} interrupted while "
+                  f"running, {by_status.get('cancelled', 0)} cancelled before they ran.", ""]
+    lines += [
+        headline + ".",
         "",
         "| | |",
         "|---|---|",
-        f"| completed | {by_status.get('completed', 0)} |",
+        f"| completed (this attempt) | {by_status.get('completed', 0)} |",
         f"| cached (served from ComfyUI's cache) | {by_status.get('cached', 0)} |",
-        f"| failed | {failed} |",
-        f"| wall time | {facts.wall_s:.1f} s |",
-        f"| generations per minute | {per_minute:.1f} |",
-        f"| files written | {files_written} |",
+    ]
+    if facts.attempt > 1 or reused:
+        lines.append(f"| reused from an earlier attempt | {reused} |")
+    lines.append(f"| failed | {failed} |")
+    if stopped or facts.stopped:
+        lines += [f"| interrupted (by the cancel) | {by_status.get('interrupted', 0)} |",
+                  f"| cancelled (never ran) | {by_status.get('cancelled', 0)} |"]
+    lines += [
+        f"| attempt of this flow run | {facts.attempt} |",
+        f"| wall time (this attempt) | {facts.wall_s:.1f} s |",
+        f"| generations per minute (this attempt) | {per_minute:.1f} |",
+        f"| files written (this attempt) | {files_written} |",
         f"| output directory | `{facts.output_dir}` |",
         f"| ComfyUI server | {facts.server_url} |",
         f"| connections opened | {facts.connections_opened} |",
@@ -137,10 +181,11 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0) 
     ]
     if facts.client_id:
         lines.append(f"| client_id | `{facts.client_id}` |")
+    this_attempt = [r for r in rows if r["status"] in ("completed", "cached")]
     if len(facts.servers) > 1 or any(r["server"] for r in rows):
-        lines += ["", "## Servers", "", "| server | generations | busy (s) |", "|---|---|---|"]
-        for url in facts.servers or sorted({r["server"] for r in rows if r["server"]}):
-            mine = [r for r in rows if r["server"] == url]
+        lines += ["", "## Servers (this attempt)", "", "| server | generations | busy (s) |", "|---|---|---|"]
+        for url in facts.servers or sorted({r["server"] for r in this_attempt if r["server"]}):
+            mine = [r for r in this_attempt if r["server"] == url]
             busy = sum(r["execution_s"] or 0.0 for r in mine)
             lines.append(f"| {url} | {len(mine)} | {busy:.1f} |")
     if facts.fatal_error:
@@ -158,12 +203,14 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0) 
     return "\n".join(lines) + "\n"
 
 
-def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], facts: RunFacts) -> list[dict]:
+def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], facts: RunFacts,
+                 reused: frozenset[int] = frozenset()) -> list[dict]:
     """Create the table and summary artifacts for a flow run; return the table rows.
 
+    ``reused``: positions whose results came from an earlier attempt (see :func:`table_rows`).
     Must be called inside a flow run (the artifacts attach to it).
     """
-    rows = table_rows(specs, outcomes)
+    rows = table_rows(specs, outcomes, reused)
     create_table_artifact(
         table=rows,
         key=artifact_key(facts.character, facts.kind, "generations"),
@@ -171,7 +218,7 @@ def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], fact
     )
     create_markdown_artifact(
         markdown=summary_markdown(rows, facts, sum(
-            len(o.files) for o in outcomes.values() if isinstance(o, GenerationResult))),
+            len(o.files) for p, o in outcomes.items() if isinstance(o, GenerationResult) and p not in reused)),
         key=artifact_key(facts.character, facts.kind, "summary"),
         description=f"Summary of the {facts.kind} generations for {facts.character}.",
     )

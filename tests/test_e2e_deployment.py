@@ -425,5 +425,7 @@ def test_cancelling_a_manual_run_removes_its_prompts_and_says_so(
         print(f"[e2e] summary of the cancelled run:\n{summary.data}")
         assert "cancel" in summary.data.lower(), (
             f"the summary of a cancelled run does not say it was cancelled:\n{summary.data}")
+        worker_output = stack.log_of("prefect-worker").read_text(errors="replace")
+        assert "Traceback" not in worker_output, _tail(stack.log_of("prefect-worker"), 120)
     finally:
         comfy.execution_time_s, comfy.progress_steps = 0.0, 0

@@ -9,8 +9,10 @@ alive; no partial file exists. Nothing hangs (per-test timeout).
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -207,8 +209,52 @@ def test_flow_run_retry_redoes_only_the_failed_generations(comfy, tmp_path):
     assert comfy.requests[("POST", "/prompt")] == 8 + 3  # only the three failed ones were sent again
     assert set(comfy.posts_per_prompt_id.values()) == {1}
     assert deleted.is_file()  # fetched again (from the earlier prompt's outputs, not re-generated)
-    assert {r["status"] for r in table_of(second)} <= {"completed", "cached"}
+    statuses = Counter(r["status"] for r in table_of(second))
+    # the 3 failures and the generation whose file was deleted ran again; 4 came back as they were
+    assert statuses["reused"] == 4 and statuses["completed"] + statuses["cached"] == 4, statuses
     assert len(list((tmp_path / "out").rglob("*.png"))) == 8
+
+
+def test_prefect_flow_run_retry_reports_this_attempt_apart_from_reused_generations(comfy, tmp_path):
+    """``prefect flow-run retry`` (the CLI, against the same Prefect API) of a run where 1 of 4
+    generations failed: the summary says 1 completed + 3 reused, with this attempt's figures."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
+
+    comfy.execution_time_s = 0.3
+    params = dict(server=ComfyUIServer(url=comfy.url, **SERVER), workflow=WORKFLOW,
+                  descriptions=["one", "two [[flaky]] a"], variants=2, seed_mode="increment",
+                  character="retry", output_dir=str(tmp_path / "out"), retries=0)
+    first = generate_content(**params, return_state=True)
+    assert first.is_failed() and first.message == "1 of 4 generations failed", first.message
+    assert comfy.requests[("POST", "/prompt")] == 4
+
+    # the same Prefect API and the same result storage, as on the machine of the first attempt
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
+               PREFECT_LOCAL_STORAGE_PATH=str(PREFECT_LOCAL_STORAGE_PATH.value()))
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "flow-run", "retry", str(first.state_details.flow_run_id),
+         "--entrypoint", "comfy_pipeline.flows.generate_content.generate_content"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert comfy.requests[("POST", "/prompt")] == 5  # only the failed generation was sent again
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 4  # the reused files were not fetched again
+
+    statuses = Counter(r["status"] for r in table_of(first))
+    assert statuses == {"completed": 1, "reused": 3}, statuses
+    summary = summary_of(first)
+    assert "**4 of 4 generations succeeded** (1 in this attempt, 3 reused from an earlier attempt)" in summary
+    assert "| completed (this attempt) | 1 |" in summary and "| reused from an earlier attempt | 3 |" in summary
+    assert "| attempt of this flow run | 2 |" in summary
+    # throughput and busy time from this attempt's one generation, not the reused three
+    wall = float(re.search(r"\| wall time \(this attempt\) \| ([\d.]+) s", summary).group(1))
+    per_minute = float(re.search(r"\| generations per minute \(this attempt\) \| ([\d.]+)", summary).group(1))
+    assert 60.0 / (wall + 0.05) - 0.1 <= per_minute <= 60.0 / max(wall - 0.05, 0.01) + 0.1  # 1 generation, not 4
+    busy = float(re.search(r"\| " + re.escape(comfy.url) + r" \| 1 \| ([\d.]+) \|", summary).group(1))
+    assert busy < 3 * comfy.execution_time_s
 
 
 def test_in_process_flow_retries_rerun_only_the_failures(comfy, tmp_path):
@@ -229,7 +275,7 @@ def test_interrupting_the_process_removes_our_prompts_from_the_server(signal_nam
     import subprocess
     import sys
 
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
 
     from tests.conftest import ROOT
 

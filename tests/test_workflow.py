@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
 from comfy_pipeline.blocks.errors import WorkflowError
 from comfy_pipeline.blocks.workflow import (
@@ -517,12 +516,6 @@ def test_block_round_trip_through_model_dump():
     again = ComfyUIWorkflow.model_validate(wf.model_dump(mode="json"))
     assert again.prompt == wf.prompt and again.bindings == wf.bindings
     assert again.render({"seed": 3}) == wf.render({"seed": 3})
-
-
-class TestComfyUIWorkflowBlock(BlockStandardTestSuite):
-    @pytest.fixture
-    def block(self):
-        return ComfyUIWorkflow
 
 
 def test_block_metadata():
