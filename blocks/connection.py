@@ -324,12 +324,12 @@ class ComfyUIConnection:
                               len(in_flight), self.url)
             snapshot = self._queue_snapshot()
             running = snapshot[0] if snapshot else set()
+            self.interrupted_prompts.update(set(in_flight) & running)
             # Wake the waiters before removing their prompts, so none of them reads ComfyUI's
             # execution_interrupted as a failure of its own.
             self._wake_all("the connection was closed (the flow run ended or was cancelled) and the "
                            "prompt was removed from the server", interrupted=running)
             self.cancel_prompts(in_flight, snapshot=snapshot)
-            self.interrupted_prompts.update(set(in_flight) & running)
         self._closing.set()
         ws = self._ws
         if ws is not None:

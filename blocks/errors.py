@@ -186,6 +186,8 @@ class GenerationCancelled(ConnectionLost):
         else:
             reason = "the run was cancelled before this generation was submitted"
         super().__init__(url, reason, prompt_id, closed_by_us=True)
+        which = f" (prompt {prompt_id})" if prompt_id else ""
+        ComfyUIError.__init__(self, f"Generation on ComfyUI at {url}{which} stopped: {reason}.")
 
 
 class ServerError(ComfyUIError):

@@ -43,8 +43,7 @@ class ComfyUIServer(Block):
     )
     _documentation_url = DOCUMENTATION_URL
     # A refused value may hold a secret (a url with a password): never echo it in errors.
-    # The title names this choice in the Prefect UI's run form.
-    model_config = ConfigDict(hide_input_in_errors=True, title="ComfyUI Server")
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     # Required (no default): a deployment's {"$ref": ...} parameter must not also validate as a
     # server of all defaults, or Prefect's API refuses the flow run as ambiguous.
@@ -202,7 +201,6 @@ class ComfyUIServerPool(Block):
         "Several saved ComfyUI Server blocks (GPUs) that share the generations of a flow run."
     )
     _documentation_url = DOCUMENTATION_URL
-    model_config = ConfigDict(title="ComfyUI Server Pool")  # the choice's name in the UI's run form
 
     servers: list[str] = Field(
         ...,

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from prefect.blocks.core import Block
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from .errors import WorkflowError
 
@@ -464,8 +464,6 @@ class ComfyUIWorkflow(Block):
         "'comfy-pipeline workflow save NAME FILE'."
     )
     _documentation_url = "https://docs.comfy.org/development/comfyui-server/comms_routes"
-    # How this choice reads in a flow's run form in the Prefect UI (beside "Workflow file").
-    model_config = ConfigDict(title="Saved workflow")
 
     prompt: dict[str, Any] = Field(
         description=(

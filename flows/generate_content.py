@@ -31,6 +31,7 @@ from ..blocks.errors import ComfyUIError, WorkflowError
 from ..blocks.pool import ConnectionPool
 from ..blocks.server import ComfyUIServer, ComfyUIServerPool
 from ..blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding
+from .form import ServerParameter, WorkflowParameter
 from ..tasks.generate import earlier_prompt_ids, generate, one_line_failures
 from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
 from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, write_report
@@ -148,8 +149,8 @@ def _load_workflow(workflow: Union[ComfyUIWorkflow, str]) -> ComfyUIWorkflow:
     log_prints=True,
 )
 def generate_content(
-    server: Union[ComfyUIServer, ComfyUIServerPool],
-    workflow: Union[ComfyUIWorkflow, Annotated[str, Field(title="Workflow file")]],
+    server: ServerParameter,
+    workflow: WorkflowParameter,
     descriptions: Annotated[list[str], Field(min_length=1)],
     kind: Kind = "image",
     character: str = "character",

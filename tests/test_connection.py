@@ -12,6 +12,7 @@ import pytest
 from comfy_pipeline.blocks.errors import (
     AuthenticationFailed,
     ConnectionLost,
+    GenerationCancelled,
     ExecutionInterrupted,
     GenerationTimeout,
     NodeExecutionError,
@@ -163,13 +164,20 @@ def test_server_gone_mid_run_fails_the_prompt_with_connection_lost_at_its_deadli
         standin.stop()
 
 
-def test_closing_wakes_waiters_with_connection_lost(comfy):
+def test_closing_wakes_waiters_with_generation_cancelled(comfy):
     conn = ComfyUIServer(url=comfy.url).connect()
     try:
-        pid = conn.submit(image_prompt("w/[[hang]]"))
+        running = conn.submit(image_prompt("w/[[hang]]"))
+        queued = conn.submit(image_prompt("w2/[[hang]]"))
         threading.Timer(0.3, conn.close).start()
-        with pytest.raises(ConnectionLost, match="closed"):
-            conn.wait(pid, timeout_s=10)
+        with pytest.raises(GenerationCancelled, match="was running this prompt and it was interrupted") as caught:
+            conn.wait(running, timeout_s=10)
+        assert caught.value.interrupted and caught.value.closed_by_us and caught.value.prompt_id == running
+        # the queued prompt's waiter has been woken too: deleted before it ran
+        with pytest.raises(GenerationCancelled, match="removed from ComfyUI's queue before it ran") as caught:
+            conn.wait(queued, timeout_s=10)
+        assert not caught.value.interrupted
+        assert conn.interrupted_prompts == {running}
     finally:
         conn.close()
     # close() removed our running prompt from the server

@@ -8,10 +8,18 @@ import pytest
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
-from comfy_pipeline.blocks.server import ComfyUIServer
+from comfy_pipeline.blocks import ComfyUIServer, ComfyUIWorkflow
 from comfy_pipeline.flows.generate_content import generate_content
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _choices(schema: dict, prop: dict) -> dict[str, dict]:
+    """The UI form's choices of a union parameter: {title: resolved subschema}, as the UI's
+    schema form labels them (a ``$ref`` is replaced by its definition)."""
+    definitions = schema.get("definitions", {})
+    resolved = [definitions[c["$ref"].rsplit("/", 1)[1]] if "$ref" in c else c for c in prop["anyOf"]]
+    return {c.get("title") or c.get("type"): c for c in resolved}
 
 
 def test_parameter_schema_gives_a_form_with_types():
@@ -22,10 +30,45 @@ def test_parameter_schema_gives_a_form_with_types():
     assert props["variants"]["type"] == "integer" and props["variants"]["minimum"] == 1
     assert props["kind"]["enum"] == ["image", "video"]
     definitions = schema.get("definitions", {})
-    # the server is a block selector, the seed mode a choice
-    assert "ComfyUIServer" in str(props["server"]) and "block_type_slug" in str(definitions["ComfyUIServer"])
     assert definitions["SeedMode"]["enum"] == ["random", "fixed", "increment"]
     assert all(p.get("description") for p in props.values())
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_run_form_read_from_the_api_has_readable_choices_and_shows_defaults():
+    """What the Prefect UI's run form is built from: the deployment's parameter schema and its
+    default parameters, read back from the API."""
+    from prefect.client.orchestration import get_client
+
+    server_id = ComfyUIServer(url="http://gpu-1:8188", api_key="sk-form").save("form-gpu-1", overwrite=True)
+    workflow_id = ComfyUIWorkflow.from_file(ROOT / "examples/workflows/smoke_image.json").save(
+        "form-smoke-image", overwrite=True)
+    defaults = {"server": {"$ref": {"block_document_id": str(server_id)}},
+                "workflow": {"$ref": {"block_document_id": str(workflow_id)}}}
+    deployment_id = generate_content.to_deployment("form", parameters=defaults).apply()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+    schema = deployment.parameter_openapi_schema
+    props = schema["properties"]
+
+    servers = _choices(schema, props["server"])
+    assert list(servers) == ["ComfyUI Server", "ComfyUI Server Pool"]
+    assert [c["block_type_slug"] for c in servers.values()] == ["comfyui-server", "comfyui-server-pool"]
+    workflows = _choices(schema, props["workflow"])
+    assert list(workflows) == ["Saved workflow", "Workflow file"]
+    assert workflows["Saved workflow"]["block_type_slug"] == "comfyui-workflow"
+    assert workflows["Workflow file"]["type"] == "string"
+
+    # the saved blocks are the form's defaults: the UI selects a block by its block_document_id
+    assert deployment.parameters["server"] == {"$ref": {"block_document_id": str(server_id)}}
+    assert deployment.parameters["workflow"] == {"$ref": {"block_document_id": str(workflow_id)}}
+    # optional parameters show a real default, never a "None" choice ("Property is type None")
+    for name, default in [("base_seed", 0), ("params", {}), ("output_types", ["output"]),
+                          ("variants", 1), ("seed_mode", "random"), ("retries", 2)]:
+        assert props[name].get("default") == default, name
+    for name, prop in props.items():
+        assert {"type": "null"} not in prop.get("anyOf", []), f"{name} offers a None choice in the form"
+    assert "sk-form" not in deployment.model_dump_json()
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -34,7 +77,7 @@ def test_every_deployment_in_prefect_yaml_loads_and_validates(tmp_path):
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert config["deployments"]
     for deployment in config["deployments"]:
-        flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+        flow = load_flow_from_entrypoint(deployment["entrypoint"])
         assert flow.name == "generate-content"
         assert deployment["work_pool"]["name"]
         for schedule in deployment.get("schedules", []):

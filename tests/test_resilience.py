@@ -302,3 +302,15 @@ def test_interrupting_the_process_removes_our_prompts_from_the_server(signal_nam
     assert None not in comfy.interrupts  # never a global /interrupt
     assert set(comfy.interrupts) | set(comfy.deletes) == ours, output[-3000:]  # running one interrupted, other deleted
     assert comfy.ws_open_now == 0
+    # the report says the run was stopped, and which generation was interrupted or never ran
+    from prefect.client.schemas.filters import ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["character-image-summary", "character-image-generations"])))
+    latest = {a.key: a for a in sorted(found, key=lambda a: a.created)}
+    summary = latest["character-image-summary"].data
+    assert "**The run was stopped:" in summary and "1 interrupted while running, 1 cancelled" in summary, summary
+    table = latest["character-image-generations"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert sorted(r["status"] for r in rows) == ["cancelled", "interrupted"], rows
