@@ -171,10 +171,28 @@ class OneLineFailures(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, ComfyUIError) and record.levelno > logging.DEBUG:
+        if record.levelno > logging.DEBUG and (self._ours(record)):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
+
+    @staticmethod
+    def _ours(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ComfyUIError):
+            return True  # "Task run failed with exception: ...", with its traceback
+        # "Finished in state Failed('Task run encountered an exception NodeExecutionError: ...')"
+        message = record.getMessage()
+        return message.startswith("Finished in state Failed") and any(
+            f"exception {name}:" in message for name in _error_names())
+
+
+def _error_names() -> set[str]:
+    names, todo = set(), [ComfyUIError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
 
 
 @contextlib.contextmanager

@@ -149,6 +149,33 @@ def test_transient_fault_every_generation_completes_exactly_once(fault, comfy, t
     assert evidence(comfy, summary_of(state))
 
 
+def test_connection_warnings_and_failures_reach_the_flow_runs_logs_in_one_line_each(comfy, tmp_path):
+    """What a person reads in the UI's flow run logs: the reconnect (logged by the WebSocket's
+    reader thread), and each failed generation as one line without a traceback."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    comfy.execution_time_s = 0.2
+    comfy.close_ws_after(6, times=1)
+    state = run(comfy, tmp_path, ["ok", "broken [[fail]]", "fine", "also fine"])
+    assert state.message == "2 of 8 generations failed"
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    shown = [log for log in logs if log.level >= 20]  # the UI's default level: INFO and above
+    text = "\n".join(log.message for log in shown)
+    assert f"WebSocket to {comfy.url} dropped" in text and f"WebSocket to {comfy.url} reconnected" in text
+    failures = [log.message for log in shown if log.level >= 40]
+    assert len(failures) == 2, failures  # one line per failed generation, no engine duplicate
+    rows = {(r["index"], r["variant"]): r for r in table_of(state)}
+    for variant in (0, 1):
+        line = next(m for m in failures if f"variant {variant + 1}/2" in m)
+        assert "description 2/4" in line and "'broken [[fail]]'" in line and "NodeExecutionError" in line
+        assert rows[(1, variant)]["prompt_id"] in line
+    assert "Traceback" not in text
+
+
 def test_long_silent_node_is_waited_for_by_asking_the_server(comfy, tmp_path):
     comfy.execution_time_s = 0.05
     state = run(comfy, tmp_path, ["quiet [[silent=2]]", "b", "c", "d"])
