@@ -204,6 +204,10 @@ def generate_content(
         return Failed(data=exc, message=str(exc))
     specs = plan_generations(descriptions, variants, SeedMode(seed_mode), base_seed,
                              uses_seed=template.binds("seed"), run_key=runtime.flow_run.id)
+    if runtime.deployment.id and not Path(output_dir).expanduser().is_absolute():
+        logger.warning("output_dir %r is relative to this run's working directory %s: a process "
+                       "worker deletes that directory when the run ends. Give an absolute path "
+                       "(or one starting with ~).", output_dir, Path.cwd())
     settings = GenerationSettings(
         kind=kind,
         character=character,
