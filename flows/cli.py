@@ -253,6 +253,51 @@ def workflow_save(
     typer.echo(f'use it in a deployment as {{"$ref": {{"block_document_slug": "comfyui-workflow/{name}"}}}}')
 
 
+@app.command("link-blocks")
+def link_blocks(
+    flow_name: str = typer.Option("generate-content", "--flow", help="Whose deployments to update."),
+) -> None:
+    """After `prefect deploy`: make the run form in the Prefect UI show each deployment's saved
+    blocks (server, workflow) as selected defaults.
+
+    prefect.yaml refers to saved blocks by name, {"$ref": {"block_document_slug": "comfyui-server/gpu-1"}},
+    which the flow resolves when it runs, but which the UI's form cannot show. This rewrites each
+    such reference in the deployments' parameters to {"$ref": {"block_document_id": "<id>"}}, the
+    form the UI shows, without copying anything of the block (no secret). Run it again after each
+    `prefect deploy`. Exit 1 if a referenced block is not saved.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.exceptions import ObjectNotFound
+
+    missing = []
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+        for deployment in deployments:
+            parameters = dict(deployment.parameters or {})
+            linked = []
+            for key, value in parameters.items():
+                slug = value.get("$ref", {}).get("block_document_slug") if isinstance(value, dict) else None
+                if not isinstance(slug, str):
+                    continue
+                block_type_slug, _, name = slug.partition("/")
+                try:
+                    document = client.read_block_document_by_name(name, block_type_slug, include_secrets=False)
+                except ObjectNotFound:
+                    missing.append(f"{deployment.name}: {key} refers to {slug!r}, which is not saved")
+                    continue
+                parameters[key] = {"$ref": {"block_document_id": str(document.id)}}
+                linked.append(f"{key}={slug}")
+            if linked:
+                client.update_deployment(deployment.id, DeploymentUpdate(parameters=parameters))
+                typer.echo(f"{flow_name}/{deployment.name}: {', '.join(linked)}")
+    if missing:
+        raise _fail("\n".join(missing) + "\nsave those blocks (README, Deployments) and run this again", 1)
+    if not deployments:
+        raise _fail(f"no deployment of flow {flow_name!r} on this Prefect API; run `prefect deploy` first", 1)
+
+
 def main() -> None:
     """Console entry point."""
     app(prog_name="comfy-pipeline")

@@ -71,9 +71,17 @@ def test_the_run_form_read_from_the_api_has_readable_choices_and_shows_defaults(
     assert "sk-form" not in deployment.model_dump_json()
 
 
+def _save_blocks_of_prefect_yaml() -> None:
+    """The blocks prefect.yaml's deployments refer to, saved as the README says."""
+    ComfyUIServer(url="http://gpu-1:8188").save("gpu-1", overwrite=True)
+    for name, file in (("smoke-image", "smoke_image.json"), ("smoke-video", "smoke_video.json"),
+                       ("sd15-txt2img", "sd15_txt2img.json")):
+        ComfyUIWorkflow.from_file(ROOT / "examples" / "workflows" / file).save(name, overwrite=True)
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_every_deployment_in_prefect_yaml_loads_and_validates(tmp_path):
-    ComfyUIServer(url="http://gpu-1:8188").save("gpu-1", overwrite=True)
+    _save_blocks_of_prefect_yaml()
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert config["deployments"]
     for deployment in config["deployments"]:
@@ -87,7 +95,7 @@ def test_every_deployment_in_prefect_yaml_loads_and_validates(tmp_path):
         validated = flow.validate_parameters(params)
         assert isinstance(validated["server"], ComfyUIServer)
         assert validated["server"].url == "http://gpu-1:8188"
-        assert (ROOT / validated["workflow"]).is_file()
+        assert isinstance(validated["workflow"], ComfyUIWorkflow)  # a saved block: no file on the worker
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -96,7 +104,7 @@ def test_the_api_accepts_flow_runs_of_every_deployment_as_the_ui_form_sends_them
     ``prefect deployment run``, a schedule): the ``$ref`` to the server block must pass."""
     from prefect.deployments import run_deployment
 
-    ComfyUIServer(url="http://gpu-1:8188").save("gpu-1", overwrite=True)
+    _save_blocks_of_prefect_yaml()
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     for deployment in config["deployments"]:
         name = f"check-{deployment['name']}"

@@ -312,6 +312,8 @@ def deployed(tmp_path_factory, comfy_e2e, api_key):
                            ("sd15-txt2img", "examples/workflows/sd15_txt2img.json")):
             stack.run(["comfy-pipeline", "workflow", "save", name, path])
         stack.run(["prefect", "deploy", "--all", "--no-prompt"], timeout=120)
+        linked = stack.run(["comfy-pipeline", "link-blocks"])
+        assert "generate-content/manual: server=comfyui-server/gpu-1, workflow=comfyui-workflow/smoke-image" in linked
 
         # 3. The worker, in an empty folder: the flow comes from the installed package.
         stack.start("prefect-worker", ["prefect", "worker", "start", "--pool", "comfyui"], cwd=workdir)
@@ -373,6 +375,14 @@ def test_manual_deployment_runs_on_a_worker_with_files_report_and_no_secret_show
     assert artifacts[f"{ARTIFACT_PREFIX}-generations"].type == "table", artifacts.keys()
     assert artifacts[f"{ARTIFACT_PREFIX}-summary"].type == "markdown", artifacts.keys()
     assert "4 of 4" in artifacts[f"{ARTIFACT_PREFIX}-summary"].data
+
+    # The run form's defaults: the saved blocks by id, which the UI shows selected.
+    with stack.client() as client:
+        deployment = client.read_deployment_by_name("generate-content/manual")
+        server = client.read_block_document_by_name("gpu-1", "comfyui-server", include_secrets=False)
+        workflow = client.read_block_document_by_name("smoke-image", "comfyui-workflow", include_secrets=False)
+    assert deployment.parameters["server"] == {"$ref": {"block_document_id": str(server.id)}}
+    assert deployment.parameters["workflow"] == {"$ref": {"block_document_id": str(workflow.id)}}
 
     logs = stack.wait_for_log(flow_run_id, "Finished in state Completed")
     assert any("Finished in state Completed" in log.message for log in logs), [l.message for l in logs]
