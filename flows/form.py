@@ -19,7 +19,6 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import core_schema as cs
 
 from ..blocks.server import ComfyUIServer, ComfyUIServerPool
 from ..blocks.workflow import ComfyUIWorkflow
@@ -32,7 +31,7 @@ class BlockChoice:
     def __init__(self, title: str):
         self.title = title
 
-    def __get_pydantic_json_schema__(self, schema: cs.CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+    def __get_pydantic_json_schema__(self, schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         reference = handler(schema)
         definition: dict[str, Any] = handler.resolve_ref_schema(reference)
         definition["title"] = self.title
