@@ -200,6 +200,16 @@ def test_missing_file(tmp_path):
         load_workflow_file(tmp_path / "nope.json")
 
 
+def test_a_missing_relative_path_names_the_working_directory_and_the_block_to_use(tmp_path, monkeypatch):
+    """On a worker, the flow runs in a temporary folder: say where the path was looked for."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WorkflowError) as info:
+        ComfyUIWorkflow.from_file("examples/workflows/smoke_image.json")
+    message = str(info.value)
+    assert "'examples/workflows/smoke_image.json' does not exist" in message
+    assert str(tmp_path) in message and "comfy-pipeline workflow save" in message
+
+
 def test_node_without_inputs_gets_empty_inputs():
     wf = ComfyUIWorkflow.from_dict({"1": {"class_type": "X"}})
     assert wf.render({}) == {"1": {"class_type": "X", "inputs": {}}}
