@@ -33,6 +33,8 @@ import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
     ArtifactFilter,
     ArtifactFilterFlowRunId,
     LogFilter,
@@ -435,6 +437,18 @@ def test_cancelling_a_manual_run_removes_its_prompts_and_says_so(
         print(f"[e2e] summary of the cancelled run:\n{summary.data}")
         assert "cancel" in summary.data.lower(), (
             f"the summary of a cancelled run does not say it was cancelled:\n{summary.data}")
+        assert "**The run was stopped: cancelled" in summary.data, summary.data
+        table = artifacts[f"{ARTIFACT_PREFIX}-generations"].data
+        rows = json.loads(table) if isinstance(table, str) else table
+        statuses = sorted(r["status"] for r in rows)
+        assert "interrupted" in statuses and set(statuses) <= {"interrupted", "cancelled"}, statuses
+        # the generations that were waiting end Cancelled: no failure, no retry of a cancelled one
+        with stack.client() as client:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        assert not [t.name for t in task_runs if t.state and (t.state.is_failed() or t.state.is_crashed())], \
+            [(t.name, t.state.name) for t in task_runs]
+        messages = [log.message for log in stack.logs_of(flow_run_id)]
+        assert not [m for m in messages if "Retry 1/" in m], messages
         worker_output = stack.log_of("prefect-worker").read_text(errors="replace")
         assert "Traceback" not in worker_output, _tail(stack.log_of("prefect-worker"), 120)
     finally:
