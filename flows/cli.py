@@ -248,8 +248,11 @@ def workflow_save(
             reason = f"a ComfyUI Workflow block named {name!r} exists; add --overwrite to replace it"
         raise _fail(f"could not save {file} as {name!r}: {reason}", 2) from None
     bound = ", ".join(sorted(template.bindings)) or "none"
-    typer.secho(f"saved {file} as ComfyUI Workflow block {name!r}: {len(template.prompt)} nodes, "
-                f"bindings {bound}", fg=typer.colors.GREEN)
+    from prefect.settings import PREFECT_API_URL
+
+    where = PREFECT_API_URL.value() or "the local Prefect database (~/.prefect; set PREFECT_API_URL for a server)"
+    typer.secho(f"saved {file} as ComfyUI Workflow block {name!r} on {where}: {len(template.prompt)} "
+                f"nodes, bindings {bound}", fg=typer.colors.GREEN)
     typer.echo(f'use it in a deployment as {{"$ref": {{"block_document_slug": "comfyui-workflow/{name}"}}}}')
 
 
@@ -271,7 +274,7 @@ def link_blocks(
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.exceptions import ObjectNotFound
 
-    missing = []
+    missing, any_linked = [], False
     with get_client(sync_client=True) as client:
         deployments = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
         for deployment in deployments:
@@ -290,10 +293,13 @@ def link_blocks(
                 parameters[key] = {"$ref": {"block_document_id": str(document.id)}}
                 linked.append(f"{key}={slug}")
             if linked:
+                any_linked = True
                 client.update_deployment(deployment.id, DeploymentUpdate(parameters=parameters))
                 typer.echo(f"{flow_name}/{deployment.name}: {', '.join(linked)}")
     if missing:
         raise _fail("\n".join(missing) + "\nsave those blocks (README, Deployments) and run this again", 1)
+    if deployments and not any_linked:
+        typer.echo(f"the {len(deployments)} deployment(s) of {flow_name} already refer to their blocks by id")
     if not deployments:
         raise _fail(f"no deployment of flow {flow_name!r} on this Prefect API; run `prefect deploy` first", 1)
 

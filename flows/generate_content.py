@@ -112,8 +112,23 @@ def _stop_reason(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
     if isinstance(exc, TerminationSignal):
-        return "cancelled, or its process was terminated (signal %d)" % exc.signal
+        if _cancel_requested():
+            return "cancelled (from the Prefect UI, API or CLI)"
+        return f"terminated: its process got signal {exc.signal}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _cancel_requested() -> bool:
+    """Whether this flow run is Cancelling/Cancelled in the Prefect API (a cancel was asked for)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(runtime.flow_run.id).state
+    except Exception as exc:  # the report must still be written; say why the reason is vaguer
+        get_run_logger().debug("could not read this flow run's state: %s", exc)
+        return False
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
 def _mark_stopped(specs, outcomes: dict, connection: ConnectionPool, retries: int, reason: str) -> None:

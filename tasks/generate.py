@@ -166,13 +166,17 @@ class OneLineFailures(logging.Filter):
     Prefect logs a failed task run at ERROR with its traceback (~40 lines in the UI). A
     :class:`ComfyUIError` message already says what failed and what to do, and :func:`generate`
     logs it as one line naming the description, variant and ``prompt_id``; the engine's record,
-    traceback included, is kept at DEBUG. Install it on the ``prefect.task_runs`` logger for the
+    traceback included, is kept at DEBUG. A generation cancelled with its run ends at INFO, not
+    ERROR. Install it on the ``prefect.task_runs`` logger for the
     duration of a flow run (:func:`one_line_failures`).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.DEBUG and (self._ours(record)):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        elif record.levelno > logging.INFO and record.getMessage().startswith("Finished in state Cancelled("):
+            # a generation cancelled with its run: generate() already logged why, as a warning
+            record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 
     @staticmethod
