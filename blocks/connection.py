@@ -598,6 +598,10 @@ class ComfyUIConnection:
             self._forget(prompt_id)
             raise
         self.stats.prompts_submitted += 1
+        if self._closed:
+            # close() ran while the POST was on its way: its look at the queue may have missed this
+            # prompt, so remove it here; no prompt of ours may run after close().
+            self._remove_late(prompt_id)
         if answer.get("node_errors"):
             # HTTP 200 with node_errors: the valid outputs run, the invalid ones are dropped.
             self._log.warning("%s", PromptValidationError({"message": "some outputs were dropped"},
@@ -610,6 +614,16 @@ class ComfyUIConnection:
                 self._waiters[returned] = waiter
             prompt_id = returned
         return prompt_id
+
+    def _remove_late(self, prompt_id: str) -> None:
+        """Remove a prompt whose POST landed after :meth:`close` began; raise GenerationCancelled."""
+        snapshot = self._queue_snapshot()
+        running = prompt_id in snapshot[0] if snapshot else False
+        self.cancel_prompts([prompt_id], snapshot=snapshot)
+        if running:
+            self.interrupted_prompts.add(prompt_id)
+        self._forget(prompt_id)
+        raise GenerationCancelled(self.url, prompt_id, interrupted=running)
 
     def _server_has(self, prompt_id: str) -> bool:
         try:

@@ -76,6 +76,8 @@ Faults (methods, thread-safe, callable at any time; :meth:`StandInComfyUI.clear_
 * ``truncate_views(k)``: the next ``k`` ``GET /view`` that find their file send the full
   ``Content-Length`` and headers but only the first half of the body, then abort the connection.
 * ``delay_views(seconds)``: every ``GET /view`` waits this long before answering (0 = off).
+* ``delay_prompt_posts(seconds)``: every ``POST /prompt`` waits this long before it is handled (the
+  request still in transit: nothing is queued yet), then is handled and answered as usual (0 = off).
 * ``send_garbage(every_n=3)``: from now on, after every ``every_n``-th normal frame to a socket, also send
   ``{not json``, a JSON list, ``{"type": "mystery_event", ...}`` without prompt_id and a binary frame
   of event type 99 (0 = off).  ``send_huge_binary(size_bytes)``: one binary frame of ``size_bytes``
@@ -821,6 +823,7 @@ class StandInComfyUI:
         self._drop_posts = 0
         self._truncate_views = 0
         self._view_delay_s = 0.0
+        self._post_delay_s = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1015,6 +1018,7 @@ class StandInComfyUI:
             self._drop_posts = 0
             self._truncate_views = 0
             self._view_delay_s = 0.0
+            self._post_delay_s = 0.0
             self.request_latency_s = 0.0
             self.output_size_bytes = 0
             down = self._down
@@ -1052,6 +1056,11 @@ class StandInComfyUI:
         """The next ``k`` successful ``GET /view`` send the full Content-Length but half the body."""
         with self._lock:
             self._truncate_views = max(0, int(k))
+
+    def delay_prompt_posts(self, seconds: float) -> None:
+        """Every ``POST /prompt`` waits ``seconds`` before it is handled (0 = off)."""
+        with self._lock:
+            self._post_delay_s = max(0.0, float(seconds))
 
     def delay_views(self, seconds: float) -> None:
         """Every ``GET /view`` waits ``seconds`` before answering (0 = off)."""
@@ -1630,6 +1639,10 @@ class StandInComfyUI:
     # ------------------------------------------------------------------ POST /prompt
 
     async def _h_post_prompt(self, request):
+        with self._lock:
+            post_delay = self._post_delay_s
+        if post_delay > 0:
+            await asyncio.sleep(post_delay)
         with self._lock:
             fail = self._fail_posts > 0
             if fail:

@@ -187,6 +187,22 @@ def test_closing_wakes_waiters_with_generation_cancelled(comfy):
     assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
 
 
+def test_a_prompt_whose_post_lands_after_close_is_removed_from_the_server(comfy):
+    """close() while POST /prompt is on its way: no prompt of ours may run after close()."""
+    comfy.delay_prompt_posts(1.0)
+    conn = ComfyUIServer(url=comfy.url).connect()
+    try:
+        threading.Timer(0.3, conn.close).start()
+        with pytest.raises(GenerationCancelled) as caught:
+            conn.submit(image_prompt("late/[[hang]]"))
+        assert caught.value.closed_by_us
+    finally:
+        conn.close()
+    assert comfy.requests[("POST", "/prompt")] == 1
+    assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
+    assert set(comfy.interrupts) | set(comfy.deletes) == set(comfy.posts_per_prompt_id)
+
+
 def test_api_key_is_sent_on_http_and_websocket_and_never_logged(caplog):
     standin = StandInComfyUI(require_token="s3cret-token").start()
     try:
