@@ -41,6 +41,7 @@ class ConnectionPool:
         self._assigned: Counter = Counter()
         self._log = logger or module_logger
         self._closed = False
+        self._closed_event = threading.Event()
 
     @classmethod
     def open(cls, server: Union[ComfyUIServer, ComfyUIServerPool, Iterable[ComfyUIServer]], *,
@@ -95,11 +96,21 @@ class ConnectionPool:
         """
         with self._cond:
             self._closed = True
+            self._closed_event.set()
             self._cond.notify_all()
         for connection in self.connections:
             connection.close()
         with self._cond:
             self._cond.notify_all()
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` (e.g. before a retry), ending at once if the pool is closed.
+
+        Raises:
+            GenerationCancelled: the pool was closed before or during the wait.
+        """
+        if self._closed_event.wait(max(0.0, seconds)):
+            raise GenerationCancelled(", ".join(self.urls))
 
     @property
     def interrupted_prompts(self) -> set[str]:

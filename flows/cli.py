@@ -113,6 +113,8 @@ def run(
                                       help="Prompts queued or running per server (default 2)."),
     retries: int = typer.Option(2, "--retries", min=0, max=10,
                                 help="Retries per generation for transient failures (0-10)."),
+    retry_delay: float = typer.Option(5.0, "--retry-delay", min=0,
+                                      help="Seconds before the first retry, doubling each time."),
     flow_retries: int = typer.Option(0, "--flow-retries", min=0,
                                      help="Re-run the failed generations this many times."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="COMFYUI_API_KEY",
@@ -142,7 +144,7 @@ def run(
     )
     try:
         state = _call_flow(flow, block, template, texts, kind, character, variants, output_dir, seed_mode,
-                           base_seed, param, output_type, retries)
+                           base_seed, param, output_type, retries, retry_delay)
     except KeyboardInterrupt:
         raise _fail("interrupted: prompts still queued or running were removed from the server", 130) from None
     if state.is_completed():
@@ -169,7 +171,7 @@ def _point_at_report(character: str, kind: str) -> None:
 
 
 def _call_flow(flow, block, template, texts, kind, character, variants, output_dir, seed_mode, base_seed,
-               param, output_type, retries):
+               param, output_type, retries, retry_delay):
     return flow(
         server=block,
         workflow=template,
@@ -183,6 +185,7 @@ def _call_flow(flow, block, template, texts, kind, character, variants, output_d
         params=parse_params(param or []),
         output_types=list(output_type or ["output"]),
         retries=retries,
+        retry_delay_s=retry_delay,
         return_state=True,
     )
 

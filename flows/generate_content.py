@@ -24,7 +24,6 @@ from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.tasks import exponential_backoff
 from pydantic import Field
 
 from ..blocks.errors import ComfyUIError, WorkflowError
@@ -232,10 +231,13 @@ def generate_content(
         params=dict(params or {}),
         output_types=list(output_types or ["output"]),
         retries=retries,
+        retry_delay_s=retry_delay_s,
     )
     task = generate.with_options(
         retries=retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s) if retries else 0,
+        # The delay between attempts is waited inside the task (generate), where closing the
+        # connection (a cancel, Ctrl-C) ends it at once; Prefect's own delay cannot be interrupted.
+        retry_delay_seconds=0,
     )
     facts = RunFacts(character=character, kind=kind, server_url=server.url,
                      output_dir=settings.output_dir, wall_s=0.0,

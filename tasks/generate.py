@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 import uuid
 from pathlib import Path
@@ -220,7 +221,6 @@ def one_line_failures():
     # Results are persisted so that retrying a failed flow run redoes only the failed generations.
     persist_result=True,
     retry_condition_fn=retry_if_transient,
-    retry_jitter_factor=0.5,
 )
 def generate(
     connection: ConnectionPool,
@@ -254,6 +254,7 @@ def generate(
     logger = get_run_logger()
     progress = _ProgressLog(logger, spec, settings)
     try:
+        _wait_before_retry(connection, settings, progress)
         return _generate(connection, workflow, spec, settings, progress)
     except GenerationCancelled as exc:
         # Not a failure of the generation: the run was cancelled or stopped around it.
@@ -266,6 +267,22 @@ def generate(
                          getattr(exc, "prompt_id", None) or spec.prompt_id, type(exc).__name__, exc)
         logger.debug("%s: traceback of %s", progress.prefix, type(exc).__name__, exc_info=True)
         raise
+
+
+def retry_delay_s(settings: GenerationSettings, attempt: int) -> float:
+    """Seconds to wait before task attempt ``attempt`` (2 = the first retry): ``retry_delay_s``
+    doubling each time, times a jitter factor between 0.5 and 1.5; 0 for the first attempt."""
+    if attempt < 2 or settings.retry_delay_s <= 0:
+        return 0.0
+    return settings.retry_delay_s * 2 ** (attempt - 2) * random.uniform(0.5, 1.5)
+
+
+def _wait_before_retry(connection: ConnectionPool, settings: GenerationSettings, progress: _ProgressLog) -> None:
+    attempt = max(1, runtime.task_run.run_count or 1)
+    delay = retry_delay_s(settings, attempt)
+    if delay > 0:
+        progress.logger.info("%s: retry %d of %d in %.1f s", progress.prefix, attempt - 1, settings.retries, delay)
+        connection.sleep(delay)
 
 
 def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: GenerationSpec,

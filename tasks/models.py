@@ -42,6 +42,8 @@ class GenerationSettings(BaseModel):
     output_types: list[str] = Field(default_factory=lambda: ["output"])
     heartbeat_s: float = 30.0
     retries: int = Field(default=0, ge=0, description="Task retries for transient failures.")
+    retry_delay_s: float = Field(
+        default=0.0, ge=0, description="Seconds before the first retry, doubling after each, with jitter.")
 
 
 class OutputFile(BaseModel):

@@ -149,6 +149,39 @@ def test_transient_fault_every_generation_completes_exactly_once(fault, comfy, t
     assert evidence(comfy, summary_of(state))
 
 
+def test_ctrl_c_during_a_retry_delay_ends_the_run_at_once(comfy, tmp_path):
+    """A generation waiting to be retried must not hold a cancelled run for the retry delay."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import ROOT
+
+    comfy.fail_prompt_posts(1000, status=503)
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "comfy_pipeline.flows.cli", "run", "--server", comfy.url, "--workflow", WORKFLOW,
+         "--description", "a", "--description", "b", "--retries", "3", "--retry-delay", "120",
+         "--output-dir", str(tmp_path / "out")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and comfy.requests[("POST", "/prompt")] < 2:
+            time.sleep(0.1)
+        assert comfy.requests[("POST", "/prompt")] >= 2, "the run never submitted its prompts"
+        time.sleep(1.0)  # both generations are now waiting out their first retry delay (60-180 s)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=45)  # far less than the delay it was waiting out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output[-3000:]
+    assert comfy.requests[("POST", "/prompt")] == 2  # no retry was sent after the interrupt
+
+
 def test_connection_warnings_and_failures_reach_the_flow_runs_logs_in_one_line_each(comfy, tmp_path):
     """What a person reads in the UI's flow run logs: the reconnect (logged by the WebSocket's
     reader thread), and each failed generation as one line without a traceback."""
