@@ -99,17 +99,17 @@ class ComfyUIServer(Block):
     @classmethod
     def _check_url(cls, value: str) -> str:
         parts = urlsplit(value.strip())
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(
-                f"ComfyUI url must look like http://host:8188 or https://host, got {value!r}"
-            )
-        if "@" in parts.netloc:
+        if "@" in value:
             # Never echo the value: it holds a password. URLs end up in logs, artifacts, results.
             raise ValueError(
                 "ComfyUI url must not contain a user name or password (user:pass@host): they "
                 "would be shown in logs, reports and results. Put the key in api_key (sent as "
                 "'Authorization: Bearer <key>') or the credentials in headers (e.g. "
                 "{'Authorization': 'Basic ...'}), which are kept secret"
+            )
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"ComfyUI url must look like http://host:8188 or https://host, got {value!r}"
             )
         return value.strip().rstrip("/")
 
@@ -173,6 +173,9 @@ class ComfyUIServer(Block):
         return connection.open()
 
 
+_UNSAVED = "unsaved:"  # marks ComfyUIServerPool.of()'s entries: servers that are not saved blocks
+
+
 class ComfyUIServerPool(Block):
     """Several ComfyUI servers (GPUs) shared by one flow run, one connection each.
 
@@ -201,6 +204,7 @@ class ComfyUIServerPool(Block):
         "Several saved ComfyUI Server blocks (GPUs) that share the generations of a flow run."
     )
     _documentation_url = DOCUMENTATION_URL
+    model_config = ConfigDict(hide_input_in_errors=True)  # a mistaken entry may be a URL with a password
 
     servers: list[str] = Field(
         ...,
@@ -222,9 +226,13 @@ class ComfyUIServerPool(Block):
             name = str(name).strip()
             if name.startswith(f"{ComfyUIServer._block_type_slug}/"):
                 name = name.split("/", 1)[1]
-            if not name or "/" in name or ":" in name:
+            if name.startswith(_UNSAVED):
+                cleaned.append(name)  # recorded by of(); load_servers() explains
+                continue
+            if not name or "/" in name or ":" in name or "@" in name:
+                shown = "a URL" if "@" in name else repr(name)  # never echo credentials
                 raise ValueError(
-                    f"a pool lists saved ComfyUI Server block names such as 'gpu-1', got {name!r}; "
+                    f"a pool lists saved ComfyUI Server block names such as 'gpu-1', got {shown}; "
                     "save each server first: ComfyUIServer(url=...).save('gpu-1')"
                 )
             cleaned.append(name)
@@ -241,7 +249,9 @@ class ComfyUIServerPool(Block):
         """
         if not servers:
             raise ValueError("a pool needs at least one server")
-        pool = cls(servers=[f"server-{n}" for n in range(1, len(servers) + 1)])
+        # What a flow run records of this pool: no block name, so that a later load (a retry of
+        # the run) can never pick up an unrelated saved block.
+        pool = cls(servers=[f"{_UNSAVED}{server.url}" for server in servers])
         pool._inline = list(servers)
         return pool
 
@@ -253,6 +263,14 @@ class ComfyUIServerPool(Block):
         """
         if self._inline is not None:
             return list(self._inline)
+        unsaved = [name[len(_UNSAVED):] for name in self.servers if name.startswith(_UNSAVED)]
+        if unsaved:
+            raise ValueError(
+                f"this pool was built in another process from servers that are not saved blocks "
+                f"({', '.join(unsaved)}), so it cannot be loaded again (e.g. to retry its flow run). "
+                "Save each server as a ComfyUI Server block and a ComfyUIServerPool of their names, "
+                "or start a new run"
+            )
         loaded = []
         for name in self.servers:
             try:

@@ -114,7 +114,8 @@ def test_urls_that_are_not_http_are_refused(bad):
         ComfyUIServer(url=bad)
 
 
-@pytest.mark.parametrize("url", ["http://user:s3cret-pw@gpu-1:8188", "https://s3cret-pw@gpu-1"])
+@pytest.mark.parametrize("url", ["http://user:s3cret-pw@gpu-1:8188", "https://s3cret-pw@gpu-1",
+                                 "user:s3cret-pw@gpu-1:8188", "ws://user:s3cret-pw@gpu-1"])
 def test_a_url_with_credentials_is_refused_without_echoing_them(url):
     with pytest.raises(ValidationError) as caught:
         ComfyUIServer(url=url)
@@ -166,10 +167,21 @@ def test_a_pool_names_a_missing_server_block_clearly(prefect_api):
         pool.load_servers()
 
 
-@pytest.mark.parametrize("entry", ["http://gpu-1:8188", "", "a/b"])
+@pytest.mark.parametrize("entry", ["http://gpu-1:8188", "", "a/b", "http://admin:s3cret-pw@gpu-1:8188"])
 def test_a_pool_lists_block_names_not_urls(entry):
-    with pytest.raises(ValidationError, match="saved ComfyUI Server block names"):
+    with pytest.raises(ValidationError, match="saved ComfyUI Server block names") as caught:
         ComfyUIServerPool(servers=[entry])
+    assert "s3cret-pw" not in str(caught.value)
+
+
+def test_a_recorded_in_process_pool_never_loads_saved_blocks_of_other_names(prefect_api):
+    """What a flow run records of ComfyUIServerPool.of(...) names no block: loading it again (a
+    retry of that run) refuses, rather than picking up whatever blocks are saved."""
+    ComfyUIServer(url="http://unrelated:8188").save("server-1", overwrite=True)
+    recorded = ComfyUIServerPool.of([ComfyUIServer(url="http://gpu-a:8188")]).model_dump()
+    again = ComfyUIServerPool.model_validate(recorded)
+    with pytest.raises(ValueError, match="not saved blocks .http://gpu-a:8188.*cannot be loaded again"):
+        again.load_servers()
 
 
 def test_an_in_process_pool_of_unsaved_servers_cannot_be_saved(prefect_api):
