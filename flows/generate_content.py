@@ -13,6 +13,7 @@ ComfyUI again, unless one of their files was deleted, in which case that generat
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import time
 import uuid
@@ -81,30 +82,50 @@ def plan_generations(
     return specs
 
 
-def _run_all(task, connection, template, specs, settings, outcomes: dict, progress) -> None:
-    """Map ``task`` over ``specs`` on the shared connection; record each outcome as it finishes.
+class _Generations:
+    """The generate task runs of one flow run and what became of each (``outcomes``, keyed by
+    ``spec.position``); ``reused``: positions whose result came back from an earlier attempt of
+    the flow run (its persisted result: the generation was not sent to ComfyUI again)."""
 
-    Returns the positions whose result came back from an earlier attempt of the flow run
-    (its persisted result: the generation was not sent to ComfyUI again).
-    """
-    attempt = max(1, runtime.flow_run.run_count or 1)
-    futures = task.map(unmapped(connection), unmapped(template), specs, unmapped(settings))
-    spec_of = {future.task_run_id: spec for future, spec in zip(futures, specs)}
-    reused = set()
-    for future in as_completed(list(futures)):
-        position = spec_of[future.task_run_id].position
+    def __init__(self, outcomes: dict, progress: Optional[ProgressReport]):
+        self.outcomes = outcomes
+        self.progress = progress
+        self.reused: set[int] = set()
+        self.futures: dict[int, Any] = {}
+        self.attempt = max(1, runtime.flow_run.run_count or 1)
+
+    def run(self, task, connection, template, specs, settings) -> None:
+        """Map ``task`` over ``specs`` on the shared connection; record each outcome as it finishes."""
+        futures = task.map(unmapped(connection), unmapped(template), specs, unmapped(settings))
+        position_of = {}
+        for future, spec in zip(futures, specs):
+            self.futures[spec.position] = future
+            position_of[future.task_run_id] = spec.position
+            self.reused.discard(spec.position)  # run again (files lost): not reused any more
+        for future in as_completed(list(futures)):
+            self._record(position_of[future.task_run_id], future)
+
+    def harvest(self, within_s: float) -> None:
+        """After the run was stopped: record every generation that finished, waiting up to
+        ``within_s`` seconds for those still ending (the connection is closed by then)."""
+        waiting = {p: f for p, f in self.futures.items() if p not in self.outcomes}
+        concurrent.futures.wait([f.wrapped_future for f in waiting.values()], timeout=within_s)
+        for position, future in waiting.items():
+            if future.wrapped_future.done():
+                self._record(position, future)
+
+    def _record(self, position: int, future) -> None:
         future.wait()  # as_completed() may yield before the future's final state is known
         state = future.state
         if state.is_cancelled():  # the run was cancelled or stopped around this generation
             status, _, reason = (state.message or "cancelled: ").partition(": ")
-            outcomes[position] = Stopped("interrupted" if status == "interrupted" else "cancelled", reason)
+            self.outcomes[position] = Stopped("interrupted" if status == "interrupted" else "cancelled", reason)
         else:
-            outcome = outcomes[position] = future.result(raise_on_failure=False)
-            if isinstance(outcome, GenerationResult) and outcome.flow_attempt < attempt:
-                reused.add(position)
-        if progress is not None:
-            progress.advance()
-    return reused
+            outcome = self.outcomes[position] = future.result(raise_on_failure=False)
+            if isinstance(outcome, GenerationResult) and outcome.flow_attempt < self.attempt:
+                self.reused.add(position)
+        if self.progress is not None:
+            self.progress.advance()
 
 
 def _stop_reason(exc: BaseException) -> str:
@@ -256,19 +277,18 @@ def generate_content(
 
     facts.client_id = ", ".join(c.client_id for c in connection.connections)
     facts.notes += [f"Server {url} was left out: {why}" for url, why in connection.unreachable.items()]
-    reused: set[int] = set()
+    generations = _Generations(outcomes, progress)
     try:
         with one_line_failures():
-            reused = _run_all(task, connection, template, specs, settings, outcomes, progress)
+            generations.run(task, connection, template, specs, settings)
             # A result that came back from an earlier attempt of this flow run whose files were
             # deleted since: run that generation again.
             stale = [s for s in specs if isinstance(outcomes.get(s.position), GenerationResult)
                      and not all(Path(f.path).is_file() for f in outcomes[s.position].files)]
             if stale:
                 logger.warning("%d completed generation(s) lost files on disk; running them again", len(stale))
-                reused -= {s.position for s in stale}
-                _run_all(task.with_options(refresh_cache=True), connection, template, stale, settings,
-                         outcomes, None)
+                generations.progress = None
+                generations.run(task.with_options(refresh_cache=True), connection, template, stale, settings)
     except BaseException as exc:  # cancelled from the UI or CLI (SIGTERM), Ctrl-C, a crash
         facts.stopped = _stop_reason(exc)
         logger.warning("the run was %s: removing our prompts from the server", facts.stopped)
@@ -277,17 +297,18 @@ def generate_content(
         # Also on failure or cancellation: prompts still in flight are removed from the server.
         connection.close()
         if facts.stopped:
+            generations.harvest(within_s=3.0)
             _mark_stopped(specs, outcomes, connection, retries, facts.stopped)
         facts.connections_opened = sum(st.connections_opened for st in connection.stats().values())
         facts.reconnects = sum(st.reconnects for st in connection.stats().values())
         facts.servers = connection.urls
-        _write_report(logger, specs, outcomes, facts, began, reused)
+        _write_report(logger, specs, outcomes, facts, began, generations.reused)
 
     results = [o for o in (outcomes.get(s.position) for s in specs) if isinstance(o, GenerationResult)]
     failed = len(specs) - len(results)
     if failed:
         return Failed(message=f"{failed} of {len(specs)} generations failed")
-    if reused:
-        logger.info("%d generation(s) reused from an earlier attempt of this flow run", len(reused))
+    if generations.reused:
+        logger.info("%d generation(s) reused from an earlier attempt of this flow run", len(generations.reused))
     logger.info("all %d generations finished in %.1f s", len(specs), facts.wall_s)
     return results

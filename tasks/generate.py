@@ -267,6 +267,10 @@ def generate(
                          getattr(exc, "prompt_id", None) or spec.prompt_id, type(exc).__name__, exc)
         logger.debug("%s: traceback of %s", progress.prefix, type(exc).__name__, exc_info=True)
         raise
+    except Exception as exc:  # not one of ours: a bug or an OS error (disk full, ...): keep its traceback
+        logger.error("%s (%r) failed: %s: %s", progress.prefix, trim(spec.description), type(exc).__name__, exc,
+                     exc_info=True)
+        raise
 
 
 def retry_delay_s(settings: GenerationSettings, attempt: int) -> float:
