@@ -279,15 +279,26 @@ def link_blocks(
 
     missing, any_linked = [], False
     with get_client(sync_client=True) as client:
-        deployments = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+        flow_filter = FlowFilter(name=FlowFilterName(any_=[flow_name]))
+        deployments: list = []
+        while True:  # the API answers in pages
+            page = client.read_deployments(flow_filter=flow_filter, offset=len(deployments), limit=100)
+            deployments += page
+            if len(page) < 100:
+                break
         for deployment in deployments:
             parameters = dict(deployment.parameters or {})
             linked = []
             for key, value in parameters.items():
-                slug = value.get("$ref", {}).get("block_document_slug") if isinstance(value, dict) else None
+                ref = value.get("$ref") if isinstance(value, dict) else None
+                slug = ref.get("block_document_slug") if isinstance(ref, dict) else None
                 if not isinstance(slug, str):
                     continue
                 block_type_slug, _, name = slug.partition("/")
+                if not name:
+                    missing.append(f"{deployment.name}: {key} refers to {slug!r}, which lacks the "
+                                   "block type: write <block type slug>/<name>, e.g. comfyui-server/gpu-1")
+                    continue
                 try:
                     document = client.read_block_document_by_name(name, block_type_slug, include_secrets=False)
                 except ObjectNotFound:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,48 @@ def test_the_api_accepts_flow_runs_of_every_deployment_as_the_ui_form_sends_them
         extra = {} if "descriptions" in deployment["parameters"] else {"descriptions": ["from the form"]}
         flow_run = run_deployment(f"generate-content/{name}", parameters=extra, timeout=0)
         assert flow_run.parameters["server"] == {"$ref": {"block_document_slug": "comfyui-server/gpu-1"}}
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_link_blocks_rewrites_name_references_to_ids_and_nothing_else():
+    from prefect.client.orchestration import get_client
+    from typer.testing import CliRunner
+
+    from comfy_pipeline.flows.cli import app
+
+    server_id = ComfyUIServer(url="http://gpu-1:8188", api_key="sk-link").save("link-gpu-1", overwrite=True)
+    workflow_id = ComfyUIWorkflow.from_file(ROOT / "examples/workflows/smoke_image.json").save(
+        "link-smoke", overwrite=True)
+    nested = {"keep": {"$ref": {"block_document_slug": "comfyui-server/link-gpu-1"}}}
+    deployment_id = generate_content.to_deployment("link-check", parameters={
+        "server": {"$ref": {"block_document_slug": "comfyui-server/link-gpu-1"}},
+        "workflow": {"$ref": {"block_document_slug": "comfyui-workflow/link-smoke"}},
+        "params": nested, "descriptions": ["a"]}).apply()
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["link-blocks"])
+    assert result.exit_code == 0, result.output
+    assert "generate-content/link-check: server=comfyui-server/link-gpu-1, workflow=comfyui-workflow/link-smoke" \
+        in result.output
+    with get_client(sync_client=True) as client:
+        parameters = client.read_deployment(deployment_id).parameters
+    assert parameters == {"server": {"$ref": {"block_document_id": str(server_id)}},
+                          "workflow": {"$ref": {"block_document_id": str(workflow_id)}},
+                          "params": nested, "descriptions": ["a"]}
+    assert "sk-link" not in json.dumps(parameters)
+    # once linked, running it again changes nothing and says so
+    again = runner.invoke(app, ["link-blocks"])
+    assert again.exit_code == 0 and "already refer to their blocks by id" in again.output, again.output
+
+    # a reference to a block that is not saved (or without its type) is named, exit 1
+    broken_id = generate_content.to_deployment("link-broken", parameters={
+        "server": {"$ref": {"block_document_slug": "comfyui-server/no-such-gpu"}},
+        "workflow": {"$ref": {"block_document_slug": "link-smoke"}}}).apply()
+    try:
+        failed = runner.invoke(app, ["link-blocks"])
+        assert failed.exit_code == 1
+        assert "link-broken: server refers to 'comfyui-server/no-such-gpu', which is not saved" in failed.output
+        assert "link-broken: workflow refers to 'link-smoke', which lacks the block type" in failed.output
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(broken_id)
