@@ -107,6 +107,13 @@ class ComfyUIServer(Block):
                 "'Authorization: Bearer <key>') or the credentials in headers (e.g. "
                 "{'Authorization': 'Basic ...'}), which are kept secret"
             )
+        if parts.query or parts.fragment or value.strip().endswith(("?", "#")):
+            # The endpoints are appended to the base URL; a ?token=... would also be logged.
+            raise ValueError(
+                "ComfyUI url must be the server's base URL, without ?query or #fragment (the "
+                "endpoints are appended to it). Put a token in api_key or headers, which are kept "
+                "secret"
+            )
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(
                 f"ComfyUI url must look like http://host:8188 or https://host, got {value!r}"

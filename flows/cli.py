@@ -259,6 +259,20 @@ def workflow_save(
     typer.echo(f'use it in a deployment as {{"$ref": {{"block_document_slug": "comfyui-workflow/{name}"}}}}')
 
 
+def _block_types_of(schema: dict, key: str) -> set[str]:
+    """The block type slugs a parameter of a deployment's parameter schema accepts (empty: any)."""
+    prop = (schema.get("properties") or {}).get(key) or {}
+    definitions = schema.get("definitions") or {}
+    choices = prop.get("anyOf") or prop.get("allOf") or [prop]
+    slugs = set()
+    for choice in choices:
+        if "$ref" in choice:
+            choice = definitions.get(str(choice["$ref"]).rsplit("/", 1)[-1], {})
+        if choice.get("block_type_slug"):
+            slugs.add(choice["block_type_slug"])
+    return slugs
+
+
 @app.command("link-blocks")
 def link_blocks(
     flow_name: str = typer.Option("generate-content", "--flow", help="Whose deployments to update."),
@@ -298,6 +312,11 @@ def link_blocks(
                 if not name:
                     missing.append(f"{deployment.name}: {key} refers to {slug!r}, which lacks the "
                                    "block type: write <block type slug>/<name>, e.g. comfyui-server/gpu-1")
+                    continue
+                allowed = _block_types_of(deployment.parameter_openapi_schema or {}, key)
+                if allowed and block_type_slug not in allowed:
+                    missing.append(f"{deployment.name}: {key} refers to {slug!r}, but {key} takes a block "
+                                   f"of type {' or '.join(sorted(allowed))}")
                     continue
                 try:
                     document = client.read_block_document_by_name(name, block_type_slug, include_secrets=False)

@@ -124,6 +124,13 @@ def test_a_url_with_credentials_is_refused_without_echoing_them(url):
     assert "s3cret-pw" not in message
 
 
+@pytest.mark.parametrize("url", ["http://gpu-1:8188/?token=s3cret-pw", "http://gpu-1:8188#s3cret-pw"])
+def test_a_url_with_a_query_or_fragment_is_refused_without_echoing_it(url):
+    with pytest.raises(ValidationError, match="without \\?query or #fragment") as caught:
+        ComfyUIServer(url=url)
+    assert "s3cret-pw" not in str(caught.value)
+
+
 def test_api_key_becomes_a_bearer_header_and_stays_secret():
     server = ComfyUIServer(url="http://h:1", api_key="k-123", headers={"X-Team": "art"})
     assert server.request_headers() == {"X-Team": "art", "Authorization": "Bearer k-123"}

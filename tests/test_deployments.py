@@ -150,11 +150,16 @@ def test_link_blocks_rewrites_name_references_to_ids_and_nothing_else():
     broken_id = generate_content.to_deployment("link-broken", parameters={
         "server": {"$ref": {"block_document_slug": "comfyui-server/no-such-gpu"}},
         "workflow": {"$ref": {"block_document_slug": "link-smoke"}}}).apply()
+    swapped_id = generate_content.to_deployment("link-swapped", parameters={
+        "server": {"$ref": {"block_document_slug": "comfyui-workflow/link-smoke"}}}).apply()
     try:
         failed = runner.invoke(app, ["link-blocks"])
         assert failed.exit_code == 1
         assert "link-broken: server refers to 'comfyui-server/no-such-gpu', which is not saved" in failed.output
         assert "link-broken: workflow refers to 'link-smoke', which lacks the block type" in failed.output
+        assert ("link-swapped: server refers to 'comfyui-workflow/link-smoke', but server takes a block of "
+                "type comfyui-server or comfyui-server-pool") in failed.output
     finally:
         with get_client(sync_client=True) as client:
             client.delete_deployment(broken_id)
+            client.delete_deployment(swapped_id)
