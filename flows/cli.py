@@ -11,25 +11,20 @@ workflow that cannot be used (nothing was sent).
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from pydantic import ValidationError
 
 from ..blocks.http_api import ComfyUIHTTP
 from ..blocks.errors import ComfyUIError, WorkflowError
-from ..blocks.server import ComfyUIServer, ComfyUIServerPool
-from ..blocks.workflow import ComfyUIWorkflow, SeedMode, problems_on_server, require_description_binding
+from ..blocks.server import ComfyUIServerPool
+from ..blocks.workflow import SeedMode, problems_on_server, require_description_binding
+from .cli_blocks import link_blocks, pool_app, server_app, workflow_app
+from .cli_support import fail, server_block, workflow_from_file
 
 app = typer.Typer(add_completion=False, help="Run ComfyUI generations as Prefect flows.")
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.secho(message, fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
 
 
 def read_descriptions(path: Path) -> list[str]:
@@ -54,38 +49,6 @@ def parse_params(items: list[str]) -> dict[str, Any]:
         except ValueError:
             params[key.strip()] = value
     return params
-
-
-def _server(url: str, api_key: Optional[str], timeout: Optional[float] = None,
-            max_in_flight: Optional[int] = None) -> ComfyUIServer:
-    settings: dict = {"url": url}
-    if max_in_flight is not None:
-        settings["max_in_flight"] = max_in_flight
-    if api_key:
-        settings["api_key"] = api_key
-    if timeout is not None:
-        settings["generation_timeout_s"] = timeout
-    try:
-        return ComfyUIServer(**settings)
-    except ValidationError as exc:
-        options = {"url": "--server", "generation_timeout_s": "--timeout", "api_key": "--api-key",
-                   "max_in_flight": "--max-in-flight"}
-        problems = "; ".join(
-            f"{options.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else '--server'}: "
-            f"{err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
-        raise _fail(problems, 2) from None
-
-
-def _workflow(path: Path, *, require_prompt: bool = True) -> ComfyUIWorkflow:
-    try:
-        workflow = ComfyUIWorkflow.from_file(path)
-        if require_prompt:
-            require_description_binding(workflow)
-        return workflow
-    except WorkflowError as exc:
-        raise _fail(str(exc), 2) from None
 
 
 @app.command()
@@ -134,9 +97,9 @@ def run(
         texts += read_descriptions(descriptions)
     if not texts:
         raise typer.BadParameter("give --description TEXT (repeatable) or --descriptions FILE")
-    blocks = [_server(url, api_key, timeout, max_in_flight) for url in server]
+    blocks = [server_block(url, api_key, timeout, max_in_flight) for url in server]
     block = blocks[0] if len(blocks) == 1 else ComfyUIServerPool.of(blocks)
-    template = _workflow(workflow)
+    template = workflow_from_file(workflow)
     flow = generate_content.with_options(
         task_runner=ThreadPoolTaskRunner(max_workers=concurrency),
         retries=flow_retries,
@@ -146,7 +109,7 @@ def run(
         state = _call_flow(flow, block, template, texts, kind, character, variants, output_dir, seed_mode,
                            base_seed, param, output_type, retries, retry_delay)
     except KeyboardInterrupt:
-        raise _fail("interrupted: prompts still queued or running were removed from the server", 130) from None
+        raise fail("interrupted: prompts still queued or running were removed from the server", 130) from None
     if state.is_completed():
         results = state.result()
         files = [f.path for r in results for f in r.files]
@@ -157,7 +120,7 @@ def run(
         _point_at_report(character, kind)
         return
     if state.is_crashed() and "interrupt" in (state.message or "").lower():
-        raise _fail(f"flow run {state.name}: {state.message}; our prompts were removed from the server", 130)
+        raise fail(f"flow run {state.name}: {state.message}; our prompts were removed from the server", 130)
     typer.secho(f"flow run {state.name}: {state.message}", fg=typer.colors.RED, err=True)
     _point_at_report(character, kind)
     raise typer.Exit(1)
@@ -197,10 +160,13 @@ def check(
                                             help="Also check the workflow's nodes and choices."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="COMFYUI_API_KEY"),
 ) -> None:
-    """Is the server reachable (GET /system_stats)? Does it have every node class of the
-    workflow, and every model or choice it names (GET /object_info)?"""
-    block = _server(server, api_key)
-    template = _workflow(workflow, require_prompt=False) if workflow else None
+    """Check a server (GET /system_stats) and a workflow's nodes and choices (GET /object_info).
+
+    Is the server reachable? Does it have every node class of the workflow, and every model or
+    choice it names (a ckpt_name in its models folder, a sampler_name, ...)?
+    """
+    block = server_block(server, api_key)
+    template = workflow_from_file(workflow, require_prompt=False) if workflow else None
     connection = ComfyUIHTTP(block.url, headers=block.request_headers(), verify_tls=block.verify_tls,
                              connect_timeout_s=block.connect_timeout_s)
     try:
@@ -214,127 +180,19 @@ def check(
             except WorkflowError as exc:
                 problems.append(str(exc))
             if problems:
-                raise _fail(f"{workflow}:\n  " + "\n  ".join(problems), 1)
+                raise fail(f"{workflow}:\n  " + "\n  ".join(problems), 1)
             typer.secho(f"{workflow}: all {len(template.class_types())} node classes and their "
                         "choices exist on the server", fg=typer.colors.GREEN)
     except ComfyUIError as exc:
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     finally:
         connection.close()
 
 
-workflow_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                           help="Save workflows as ComfyUI Workflow blocks for deployments.")
 app.add_typer(workflow_app, name="workflow")
-
-
-@workflow_app.command("save")
-def workflow_save(
-    name: str = typer.Argument(..., help="Block name, e.g. sd15-portrait (lowercase letters, digits, dashes)."),
-    file: Path = typer.Argument(..., exists=True, dir_okay=False,
-                                help="API-format workflow JSON (with its bindings, in the file or a sidecar)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a saved block of the same name."),
-) -> None:
-    """Check a workflow file and save it, with its bindings, as a ComfyUI Workflow block.
-
-    A deployment then refers to it as {"$ref": {"block_document_slug": "comfyui-workflow/NAME"}},
-    so a worker needs no copy of the file. Saved to the Prefect API of PREFECT_API_URL.
-    """
-    if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name):
-        raise _fail(f"block name {name!r}: use lowercase letters, digits and dashes, e.g. sd15-portrait", 2)
-    template = _workflow(file)
-    try:
-        template.save(name, overwrite=overwrite)
-    except ValueError as exc:  # Prefect: name already used without --overwrite, or an invalid name
-        reason = str(exc)
-        if "already" in reason.lower():
-            reason = f"a ComfyUI Workflow block named {name!r} exists; add --overwrite to replace it"
-        raise _fail(f"could not save {file} as {name!r}: {reason}", 2) from None
-    bound = ", ".join(sorted(template.bindings)) or "none"
-    from prefect.settings import PREFECT_API_URL
-
-    where = PREFECT_API_URL.value() or "the local Prefect database (~/.prefect; set PREFECT_API_URL for a server)"
-    typer.secho(f"saved {file} as ComfyUI Workflow block {name!r} on {where}: {len(template.prompt)} "
-                f"nodes, bindings {bound}", fg=typer.colors.GREEN)
-    typer.echo(f'use it in a deployment as {{"$ref": {{"block_document_slug": "comfyui-workflow/{name}"}}}}')
-
-
-def _block_types_of(schema: dict, key: str) -> set[str]:
-    """The block type slugs a parameter of a deployment's parameter schema accepts (empty: any)."""
-    prop = (schema.get("properties") or {}).get(key) or {}
-    definitions = schema.get("definitions") or {}
-    choices = prop.get("anyOf") or prop.get("allOf") or [prop]
-    slugs = set()
-    for choice in choices:
-        if "$ref" in choice:
-            choice = definitions.get(str(choice["$ref"]).rsplit("/", 1)[-1], {})
-        if choice.get("block_type_slug"):
-            slugs.add(choice["block_type_slug"])
-    return slugs
-
-
-@app.command("link-blocks")
-def link_blocks(
-    flow_name: str = typer.Option("generate-content", "--flow", help="Whose deployments to update."),
-) -> None:
-    """After `prefect deploy`: make the run form in the Prefect UI show each deployment's saved
-    blocks (server, workflow) as selected defaults.
-
-    prefect.yaml refers to saved blocks by name, {"$ref": {"block_document_slug": "comfyui-server/gpu-1"}},
-    which the flow resolves when it runs, but which the UI's form cannot show. This rewrites each
-    such reference in the deployments' parameters to {"$ref": {"block_document_id": "<id>"}}, the
-    form the UI shows, without copying anything of the block (no secret). Run it again after each
-    `prefect deploy`. Exit 1 if a referenced block is not saved.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentUpdate
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.exceptions import ObjectNotFound
-
-    missing, any_linked = [], False
-    with get_client(sync_client=True) as client:
-        flow_filter = FlowFilter(name=FlowFilterName(any_=[flow_name]))
-        deployments: list = []
-        while True:  # the API answers in pages
-            page = client.read_deployments(flow_filter=flow_filter, offset=len(deployments), limit=100)
-            deployments += page
-            if len(page) < 100:
-                break
-        for deployment in deployments:
-            parameters = dict(deployment.parameters or {})
-            linked = []
-            for key, value in parameters.items():
-                ref = value.get("$ref") if isinstance(value, dict) else None
-                slug = ref.get("block_document_slug") if isinstance(ref, dict) else None
-                if not isinstance(slug, str):
-                    continue
-                block_type_slug, _, name = slug.partition("/")
-                if not name:
-                    missing.append(f"{deployment.name}: {key} refers to {slug!r}, which lacks the "
-                                   "block type: write <block type slug>/<name>, e.g. comfyui-server/gpu-1")
-                    continue
-                allowed = _block_types_of(deployment.parameter_openapi_schema or {}, key)
-                if allowed and block_type_slug not in allowed:
-                    missing.append(f"{deployment.name}: {key} refers to {slug!r}, but {key} takes a block "
-                                   f"of type {' or '.join(sorted(allowed))}")
-                    continue
-                try:
-                    document = client.read_block_document_by_name(name, block_type_slug, include_secrets=False)
-                except ObjectNotFound:
-                    missing.append(f"{deployment.name}: {key} refers to {slug!r}, which is not saved")
-                    continue
-                parameters[key] = {"$ref": {"block_document_id": str(document.id)}}
-                linked.append(f"{key}={slug}")
-            if linked:
-                any_linked = True
-                client.update_deployment(deployment.id, DeploymentUpdate(parameters=parameters))
-                typer.echo(f"{flow_name}/{deployment.name}: {', '.join(linked)}")
-    if missing:
-        raise _fail("\n".join(missing) + "\nsave those blocks (README, Deployments) and run this again", 1)
-    if deployments and not any_linked:
-        typer.echo(f"the {len(deployments)} deployment(s) of {flow_name} already refer to their blocks by id")
-    if not deployments:
-        raise _fail(f"no deployment of flow {flow_name!r} on this Prefect API; run `prefect deploy` first", 1)
+app.add_typer(server_app, name="server")
+app.add_typer(pool_app, name="pool")
+app.command("link-blocks")(link_blocks)
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ from pydantic import Field
 
 from ..blocks.errors import ComfyUIError, WorkflowError
 from ..blocks.pool import ConnectionPool
-from ..blocks.server import ComfyUIServer, ComfyUIServerPool
 from ..blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding
 from .form import ServerParameter, WorkflowParameter
 from ..tasks.generate import earlier_prompt_ids, generate, one_line_failures

@@ -169,3 +169,34 @@ def test_a_workflow_that_ignores_the_descriptions_is_refused_before_prefect_star
     result = runner.invoke(app, ["run", "--server", "http://127.0.0.1:9", "--workflow", str(bare),
                                  "--description", "a fox"])
     assert result.exit_code == 2 and "no binding for 'prompt'" in result.output
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_server_and_pool_save_store_blocks_whose_secrets_stay_secret(monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from comfy_pipeline.blocks import ComfyUIServer, ComfyUIServerPool
+
+    monkeypatch.setenv("COMFYUI_API_KEY", "sk-cli-saved")
+    result = runner.invoke(app, ["server", "save", "cli-gpu-1", "--url", "http://gpu-1:8188",
+                                 "--max-in-flight", "3", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "saved ComfyUI Server block 'cli-gpu-1' (http://gpu-1:8188, with an API key)" in result.output
+    assert "sk-cli-saved" not in result.output
+    loaded = ComfyUIServer.load("cli-gpu-1")
+    assert loaded.api_key.get_secret_value() == "sk-cli-saved" and loaded.max_in_flight == 3
+
+    # a name in use needs --overwrite; a url with credentials is refused, never echoed
+    again = runner.invoke(app, ["server", "save", "cli-gpu-1", "--url", "http://gpu-1:8188"])
+    assert again.exit_code == 2 and "add --overwrite" in again.output
+    bad = runner.invoke(app, ["server", "save", "cli-bad", "--url", "http://u:pw-s3cret@gpu-1:8188"])
+    assert bad.exit_code == 2 and "pw-s3cret" not in bad.output and "api_key" in bad.output
+
+    pool = runner.invoke(app, ["pool", "save", "cli-fleet", "cli-gpu-1", "--overwrite"])
+    assert pool.exit_code == 0, pool.output
+    assert ComfyUIServerPool.load("cli-fleet").servers == ["cli-gpu-1"]
+    with get_client(sync_client=True) as client:
+        document = client.read_block_document_by_name("cli-fleet", "comfyui-server-pool", include_secrets=False)
+    assert "sk-cli-saved" not in document.model_dump_json()
+    missing = runner.invoke(app, ["pool", "save", "cli-fleet-2", "cli-gpu-1", "no-such-gpu"])
+    assert missing.exit_code == 2 and "'no-such-gpu'" in missing.output

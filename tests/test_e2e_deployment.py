@@ -301,14 +301,9 @@ def deployed(tmp_path_factory, comfy_e2e, api_key):
         registered = stack.run(["prefect", "block", "register", "-m", "comfy_pipeline.blocks"])
         for block_type in ("ComfyUI Server", "ComfyUI Server Pool", "ComfyUI Workflow"):
             assert block_type in registered, registered
-        stack.run(["python", "-c",
-                   "import os; from comfy_pipeline.blocks import ComfyUIServer; "
-                   f"ComfyUIServer(url='{comfy_e2e.url}', api_key=os.environ.get('COMFYUI_API_KEY'))"
-                   ".save('gpu-1')"],
+        stack.run(["comfy-pipeline", "server", "save", "gpu-1", "--url", comfy_e2e.url],
                   extra_env={"COMFYUI_API_KEY": api_key})
-        stack.run(["python", "-c",
-                   "from comfy_pipeline.blocks import ComfyUIServerPool; "
-                   "ComfyUIServerPool(servers=['gpu-1']).save('fleet')"])
+        stack.run(["comfy-pipeline", "pool", "save", "fleet", "gpu-1"])
         for name, path in (("smoke-image", "examples/workflows/smoke_image.json"),
                            ("smoke-video", "examples/workflows/smoke_video.json"),
                            ("sd15-txt2img", "examples/workflows/sd15_txt2img.json")):

@@ -335,7 +335,7 @@ def test_interrupting_the_process_removes_our_prompts_from_the_server(signal_nam
     import subprocess
     import sys
 
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
+    from prefect.settings import PREFECT_API_URL
 
     from tests.conftest import ROOT
 
