@@ -30,10 +30,10 @@ from pydantic import Field
 from ..blocks.errors import ComfyUIError, WorkflowError
 from ..blocks.pool import ConnectionPool
 from ..blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding
-from .form import ServerParameter, WorkflowParameter
 from ..tasks.generate import earlier_prompt_ids, generate, one_line_failures
 from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
 from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, write_report
+from .form import ServerParameter, WorkflowParameter
 
 #: Generations in flight at once on one connection (threads of the task runner).
 DEFAULT_CONCURRENCY = 8
@@ -92,9 +92,12 @@ class _Generations:
         self.reused: set[int] = set()
         self.futures: dict[int, Any] = {}
         self.attempt = max(1, runtime.flow_run.run_count or 1)
+        self.counting = True
 
-    def run(self, task, connection, template, specs, settings) -> None:
-        """Map ``task`` over ``specs`` on the shared connection; record each outcome as it finishes."""
+    def run(self, task, connection, template, specs, settings, *, count_progress: bool = True) -> None:
+        """Map ``task`` over ``specs`` on the shared connection; record each outcome as it finishes
+        (and advance the progress artifact, unless ``count_progress`` is False: a rerun)."""
+        self.counting = count_progress
         futures = task.map(unmapped(connection), unmapped(template), specs, unmapped(settings))
         position_of = {}
         for future, spec in zip(futures, specs):
@@ -117,13 +120,14 @@ class _Generations:
         future.wait()  # as_completed() may yield before the future's final state is known
         state = future.state
         if state.is_cancelled():  # the run was cancelled or stopped around this generation
+            # generate() ends such a generation as Cancelled("interrupted: ..." or "cancelled: ...")
             status, _, reason = (state.message or "cancelled: ").partition(": ")
             self.outcomes[position] = Stopped("interrupted" if status == "interrupted" else "cancelled", reason)
         else:
             outcome = self.outcomes[position] = future.result(raise_on_failure=False)
             if isinstance(outcome, GenerationResult) and outcome.flow_attempt < self.attempt:
                 self.reused.add(position)
-        if self.progress is not None:
+        if self.counting and self.progress is not None:
             self.progress.advance()
 
 
@@ -286,8 +290,8 @@ def generate_content(
                      and not all(Path(f.path).is_file() for f in outcomes[s.position].files)]
             if stale:
                 logger.warning("%d completed generation(s) lost files on disk; running them again", len(stale))
-                generations.progress = None
-                generations.run(task.with_options(refresh_cache=True), connection, template, stale, settings)
+                generations.run(task.with_options(refresh_cache=True), connection, template, stale, settings,
+                                count_progress=False)
     except BaseException as exc:  # cancelled from the UI or CLI (SIGTERM), Ctrl-C, a crash
         facts.stopped = _stop_reason(exc)
         logger.warning("the run was %s: removing our prompts from the server", facts.stopped)

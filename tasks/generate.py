@@ -178,7 +178,11 @@ class OneLineFailures(logging.Filter):
         elif record.levelno > logging.INFO and record.getMessage().startswith("Finished in state Cancelled("):
             # a generation cancelled with its run: generate() already logged why, as a warning
             record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
+        else:
+            return True
+        # The logger's level was checked before this filter ran, at the old level: check the new
+        # one, or the handlers (which pass everything) would still print it.
+        return logging.getLogger(record.name).isEnabledFor(record.levelno)
 
     @staticmethod
     def _ours(record: logging.LogRecord) -> bool:
