@@ -525,9 +525,11 @@ class ComfyUIConnection:
             ConnectionLost: the connection closed or died while waiting.
         """
         with self._slot_cond:
-            while self._slots_taken >= self.max_in_flight:
-                if not self.usable:
+            while True:
+                if not self.usable:  # also when a slot is free: nothing may start after close()
                     raise self._unusable()
+                if self._slots_taken < self.max_in_flight:
+                    break
                 if not block:
                     return False
                 self._slot_cond.wait(0.5)
@@ -553,8 +555,13 @@ class ComfyUIConnection:
             self.reserve_slot()
         node_types = {str(k): v.get("class_type") for k, v in (prompt or {}).items() if isinstance(v, Mapping)}
         waiter = _Waiter(PromptTracker(prompt_id, node_types), time.monotonic())
-        with self._lock:
-            self._waiters[prompt_id] = waiter
+        with self._lock:  # the lock close() takes to mark the connection closed and list our prompts
+            closed = self._closed
+            if not closed:
+                self._waiters[prompt_id] = waiter
+        if closed:
+            self._release_slot()
+            raise GenerationCancelled(self.url)
         return waiter
 
     def submit(

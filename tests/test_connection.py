@@ -187,6 +187,35 @@ def test_closing_wakes_waiters_with_generation_cancelled(comfy):
     assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
 
 
+def test_a_generation_waiting_for_a_slot_when_close_frees_one_never_posts(comfy):
+    """Thread A holds the only slot, B waits for it; close() removes A's prompt, which frees the
+    slot: B must not POST (a prompt nobody watches would run on the server)."""
+    conn = ComfyUIServer(url=comfy.url, max_in_flight=1).connect()
+    errors: dict[str, BaseException] = {}
+
+    def run(name: str, prefix: str) -> None:
+        try:
+            conn.run_prompt(image_prompt(prefix))
+        except BaseException as exc:  # collected for the assertions below
+            errors[name] = exc
+
+    a = threading.Thread(target=run, args=("a", "slot/a [[hang]]"))
+    a.start()
+    deadline = time.monotonic() + 5
+    while comfy.requests[("POST", "/prompt")] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    b = threading.Thread(target=run, args=("b", "slot/b"))
+    b.start()
+    time.sleep(0.3)  # B is now waiting for A's slot
+    conn.close()
+    a.join(10)
+    b.join(10)
+    assert isinstance(errors.get("a"), GenerationCancelled) and errors["a"].interrupted
+    assert isinstance(errors.get("b"), GenerationCancelled) and errors["b"].prompt_id is None
+    assert comfy.requests[("POST", "/prompt")] == 1  # B never posted
+    assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
+
+
 def test_a_prompt_whose_post_lands_after_close_is_removed_from_the_server(comfy):
     """close() while POST /prompt is on its way: no prompt of ours may run after close()."""
     comfy.delay_prompt_posts(1.0)
