@@ -238,7 +238,8 @@ class ComfyUIConnection:
         self.verify_tls = verify_tls
         self.stats = ConnectionStats()
         self.http = ComfyUIHTTP(self.url, headers=headers, verify_tls=verify_tls,
-                                connect_timeout_s=connect_timeout_s, http_timeout_s=http_timeout_s)
+                                connect_timeout_s=connect_timeout_s, http_timeout_s=http_timeout_s,
+                                logger=self._log)
         self._headers = dict(headers or {})
         self._ws: Optional[websocket.WebSocket] = None
         self._reader: Optional[threading.Thread] = None

@@ -208,6 +208,11 @@ class OutputError(ComfyUIError):
     """An output file could not be downloaded or written."""
 
 
+class DownloadFailed(OutputError):
+    """``GET /view`` kept failing (5xx answers, transfers cut short) although the file is on the
+    server: transient, the generation is retried (following its finished prompt, not re-running it)."""
+
+
 class PromptLost(ComfyUIError):
     """The prompt is neither in the server's queue nor in its history any more.
 

@@ -20,6 +20,7 @@ import requests
 
 from .errors import (
     AuthenticationFailed,
+    DownloadFailed,
     OutputError,
     PromptValidationError,
     ServerError,
@@ -27,7 +28,7 @@ from .errors import (
 )
 from .protocol import OutputRef
 
-logger = logging.getLogger("comfy_pipeline.http")
+module_logger = logging.getLogger("comfy_pipeline.http")
 
 
 def short_reason(exc: BaseException) -> str:
@@ -47,6 +48,8 @@ class ComfyUIHTTP:
         verify_tls: verify the certificate for https.
         connect_timeout_s: seconds for the TCP connect (and for ``/system_stats`` as a whole).
         http_timeout_s: seconds to wait for a response once connected.
+        logger: where warnings (a download retried) go; the connection passes its own, the flow
+            run's logger. Default: the ``comfy_pipeline.http`` logger.
     """
 
     def __init__(
@@ -57,8 +60,10 @@ class ComfyUIHTTP:
         verify_tls: bool = True,
         connect_timeout_s: float = 10.0,
         http_timeout_s: float = 60.0,
+        logger: Optional[Union[logging.Logger, logging.LoggerAdapter]] = None,
     ):
         self.url = url.rstrip("/")
+        self._log = logger or module_logger
         self.connect_timeout_s = connect_timeout_s
         self.http_timeout_s = http_timeout_s
         self._session = requests.Session()
@@ -163,14 +168,16 @@ class ComfyUIHTTP:
         ``dest`` is the final path, or candidate paths in order of preference (all in one
         directory): the file takes the first one that does not exist at the moment it is
         complete, so nothing is ever overwritten, even by another run writing to the same
-        directory. A body shorter than its ``Content-Length`` or a dropped transfer is retried
-        up to ``attempts`` times; a final path only ever holds a complete file.
+        directory. A 5xx answer, a body shorter than its ``Content-Length`` or a dropped
+        transfer is retried up to ``attempts`` times; a final path only ever holds a complete file.
 
         Returns:
             ``(path, bytes_written)``.
 
         Raises:
-            OutputError: HTTP error status, every candidate taken, or every attempt failed.
+            OutputError: HTTP 4xx (the file is not there, or its name is refused), or every
+                candidate name taken.
+            DownloadFailed: 5xx answers or cut transfers on every attempt (transient).
         """
         candidates: Iterator[Path] = iter([Path(dest)] if isinstance(dest, (str, Path)) else dest)
         first = next(candidates)
@@ -182,12 +189,12 @@ class ComfyUIHTTP:
                 return self._download_once(ref, first.parent, remaining, chunk_bytes)
             except (ServerUnreachable, _Truncated) as exc:
                 last_problem = str(exc)
-                logger.warning("download of %s failed (attempt %d of %d): %s", ref.filename, attempt,
+                self._log.warning("download of %s failed (attempt %d of %d): %s", ref.filename, attempt,
                                attempts, last_problem)
                 time.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
-        raise OutputError(
+        raise DownloadFailed(
             f"GET /view of {ref.subfolder}/{ref.filename} from {self.url} failed {attempts} times: "
-            f"{last_problem}. The file is still on the server; run again to fetch it."
+            f"{last_problem}. The file is still on the server; the generation is retried."
         )
 
     def _download_once(self, ref: OutputRef, directory: Path, candidates: "_Replayable",
@@ -196,6 +203,8 @@ class ComfyUIHTTP:
         tmp = directory / f".{uuid.uuid4().hex}.part"
         response = self.request("GET", "/view", params=params, stream=True)
         try:
+            if response.status_code >= 500:  # a proxy or a busy server: worth another try
+                raise _Truncated(f"answered HTTP {response.status_code}")
             if response.status_code != 200:
                 why = ("the server refused the file name" if response.status_code == 400
                        else "the file is not on the server")
@@ -252,7 +261,7 @@ def _publish(tmp: Path, candidates: Iterable[Path]) -> Path:
         except FileExistsError:
             continue
         except OSError as exc:  # a file system without hard links: claim the name, then replace
-            logger.debug("hard link not possible (%s); using exclusive create + replace", exc)
+            module_logger.debug("hard link not possible (%s); using exclusive create + replace", exc)
         try:
             os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:

@@ -30,6 +30,7 @@ from ..blocks.pool import ConnectionPool
 from ..blocks.errors import (
     ComfyUIError,
     ConnectionLost,
+    DownloadFailed,
     GenerationCancelled,
     GenerationTimeout,
     OutputError,
@@ -109,13 +110,13 @@ def _num(value) -> str:
 
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying: the server or socket went away, 5xx, a lost prompt,
-    a stall past the deadline. Validation errors, node errors, interrupts and bad workflows
+    a stall past the deadline, a download that kept failing. Validation errors, node errors, interrupts and bad workflows
     are permanent: retrying them would fail the same way."""
     if isinstance(exc, ServerError):
         return exc.status >= 500
     if isinstance(exc, ConnectionLost) and exc.closed_by_us:
         return False  # the run ended or was cancelled: retrying would only wait for nothing
-    return isinstance(exc, (ConnectionLost, ServerUnreachable, PromptLost, GenerationTimeout))
+    return isinstance(exc, (ConnectionLost, ServerUnreachable, PromptLost, GenerationTimeout, DownloadFailed))
 
 
 def retry_if_transient(task, task_run, state) -> bool:

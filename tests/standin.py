@@ -76,6 +76,8 @@ Faults (methods, thread-safe, callable at any time; :meth:`StandInComfyUI.clear_
 * ``truncate_views(k)``: the next ``k`` ``GET /view`` that find their file send the full
   ``Content-Length`` and headers but only the first half of the body, then abort the connection.
 * ``delay_views(seconds)``: every ``GET /view`` waits this long before answering (0 = off).
+* ``fail_views(k, status=503)``: the next ``k`` ``GET /view`` that find their file answer ``status``
+  (a proxy or an overloaded server) instead of the file.
 * ``delay_prompt_posts(seconds)``: every ``POST /prompt`` waits this long before it is handled (the
   request still in transit: nothing is queued yet), then is handled and answered as usual (0 = off).
 * ``send_garbage(every_n=3)``: from now on, after every ``every_n``-th normal frame to a socket, also send
@@ -822,6 +824,8 @@ class StandInComfyUI:
         self._fail_status = 500
         self._drop_posts = 0
         self._truncate_views = 0
+        self._fail_views = 0
+        self._fail_views_status = 503
         self._view_delay_s = 0.0
         self._post_delay_s = 0.0
 
@@ -1017,6 +1021,7 @@ class StandInComfyUI:
             self._fail_status = 500
             self._drop_posts = 0
             self._truncate_views = 0
+            self._fail_views = 0
             self._view_delay_s = 0.0
             self._post_delay_s = 0.0
             self.request_latency_s = 0.0
@@ -1061,6 +1066,12 @@ class StandInComfyUI:
         """Every ``POST /prompt`` waits ``seconds`` before it is handled (0 = off)."""
         with self._lock:
             self._post_delay_s = max(0.0, float(seconds))
+
+    def fail_views(self, k: int, status: int = 503) -> None:
+        """The next ``k`` ``GET /view`` that find their file answer ``status`` instead."""
+        with self._lock:
+            self._fail_views = max(0, int(k))
+            self._fail_views_status = int(status)
 
     def delay_views(self, seconds: float) -> None:
         """Every ``GET /view`` waits ``seconds`` before answering (0 = off)."""
@@ -1497,9 +1508,15 @@ class StandInComfyUI:
             return web.Response(status=404)
         ext = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
         with self._lock:
-            truncate = self._truncate_views > 0
+            failing = self._fail_views > 0
+            if failing:
+                self._fail_views -= 1
+            truncate = not failing and self._truncate_views > 0
             if truncate:
                 self._truncate_views -= 1
+            fail_status = self._fail_views_status
+        if failing:
+            return web.Response(status=fail_status, text=f"{fail_status} stand-in fault: GET /view refused")
         if truncate:
             return await self._truncated_view(request, data, filename, ext)
         return web.Response(

@@ -129,6 +129,13 @@ FAULTS = {
     "truncated /view": (
         lambda c: c.truncate_views(3),
         lambda c, summary: c.requests[("GET", "/view")] == 8 + 3),
+    "/view answers 503 twice": (
+        lambda c: c.fail_views(2, status=503),
+        lambda c, summary: c.requests[("GET", "/view")] == 8 + 2),
+    "/view fails every attempt once: the generation is retried, not re-run": (
+        lambda c: c.fail_views(3, status=502),
+        # the task's retry follows its finished prompt (no second POST) and fetches the file
+        lambda c, summary: c.requests[("GET", "/view")] == 8 + 3 and _posts(c) == 8),
     "slow /view": (
         lambda c: c.delay_views(0.2),
         lambda c, summary: c.requests[("GET", "/view")] == 8),
