@@ -389,6 +389,8 @@ class ComfyUIConnection:
                     break
                 self._dropped_reason = None
                 self.stats.reconnects += 1
+                with self._slot_cond:  # generations waiting for a connected server may go on
+                    self._slot_cond.notify_all()
                 self._log.warning("WebSocket to %s reconnected; checking %d prompt(s) in flight",
                                self.url, len(self._waiters))
                 with self._lock:

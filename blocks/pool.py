@@ -122,7 +122,8 @@ class ConnectionPool:
         return [c.url for c in self.connections]
 
     def checkout(self) -> ComfyUIConnection:
-        """Wait for a free in-flight slot on any live server; take it on the best one.
+        """Wait for a free in-flight slot on any live server whose WebSocket is up; take it on the
+        best one (a server that is reconnecting is waited for, up to its ``reconnect_timeout_s``).
 
         Raises:
             GenerationCancelled: the pool was closed (the run ended or was cancelled).
@@ -135,9 +136,11 @@ class ConnectionPool:
                 live = [c for c in self.connections if c.usable]
                 if not live:
                     raise ConnectionLost(", ".join(self.urls), "no server of the pool is usable any more")
-                free = [c for c in live if c.free_slots > 0]
+                # A server whose WebSocket is down is reconnecting (a restart, a proxy): wait for it
+                # rather than POST into it, which would spend the generation's retries in a moment.
+                free = [c for c in live if c.free_slots > 0 and c.connected]
                 if free:
-                    best = max(free, key=lambda c: (c.connected, c.free_slots,
+                    best = max(free, key=lambda c: (c.free_slots,
                                                     -(c.stats.last_queue_remaining or 0),
                                                     -self._assigned[c.url]))
                     best.reserve_slot(block=False)

@@ -108,6 +108,20 @@ def _posts(comfy) -> int:
     return comfy.requests[("POST", "/prompt")]
 
 
+def _after_posts(comfy, n: int, fn, *args) -> threading.Thread:
+    """Call ``fn(*args)`` in a thread as soon as the stand-in has received ``n`` prompts (the run
+    is under way, whatever its start-up took)."""
+    def wait_then_call():
+        deadline = time.monotonic() + 30
+        while _posts(comfy) < n and time.monotonic() < deadline:
+            time.sleep(0.002)
+        fn(*args)
+
+    thread = threading.Thread(target=wait_then_call, daemon=True)
+    thread.start()
+    return thread
+
+
 # name: (inject the fault, evidence that it really happened and was handled as designed)
 FAULTS = {
     "websocket closed once": (
@@ -117,7 +131,7 @@ FAULTS = {
         lambda c: c.close_ws_after(15, times=0),
         lambda c, summary: "| reconnects | 0 |" not in summary and "| reconnects | 1 |" not in summary),
     "server restarts mid-run": (
-        lambda c: _later(1.0, c.restart, 1.0),
+        lambda c: _after_posts(c, 2, c.restart, 1.0),
         # prompts lost with the server's memory were submitted again under new prompt_ids
         lambda c, summary: "| reconnects | 0 |" not in summary and _posts(c) > 8),
     "POST /prompt answers 500 three times": (
@@ -214,6 +228,18 @@ def test_connection_warnings_and_failures_reach_the_flow_runs_logs_in_one_line_e
         assert "description 2/4" in line and "'broken [[fail]]'" in line and "NodeExecutionError" in line
         assert rows[(1, variant)]["prompt_id"] in line
     assert "Traceback" not in text
+
+
+def test_a_restart_longer_than_the_retry_delays_fails_no_generation(comfy, tmp_path):
+    """While the server is down (the WebSocket reconnecting), generations wait for it instead of
+    POSTing into it and spending their retries within a fraction of a second."""
+    comfy.execution_time_s = 0.05  # short prompts: slots come free while the server is down
+    restarter = _after_posts(comfy, 4, comfy.restart, 2.0)  # down far longer than retries x retry_delay_s
+    state = run(comfy, tmp_path, ["a", "b", "c", "d"], retries=1, variants=4)
+    restarter.join(5)
+    rows = table_of(state)
+    assert [r for r in rows if r["status"] not in ("completed", "cached")] == []
+    assert "| reconnects | 0 |" not in summary_of(state)
 
 
 def test_long_silent_node_is_waited_for_by_asking_the_server(comfy, tmp_path):
