@@ -74,7 +74,7 @@ def server_save(
     The key is kept secret by Prefect (never shown by the API, the UI or the runs). Deployments
     and pools refer to the block by name. Saved to the Prefect API of PREFECT_API_URL.
     """
-    block = server_block(url, api_key, timeout, max_in_flight)
+    block = server_block(url, api_key, timeout, max_in_flight, url_option="--url")
     where = _save(block, name, overwrite, url)
     key = "with an API key" if api_key else "without an API key"
     typer.secho(f"saved ComfyUI Server block {name!r} ({block.url}, {key}) on {where}", fg=typer.colors.GREEN)

@@ -21,7 +21,9 @@ def fail(message: str, code: int) -> typer.Exit:
 
 
 def server_block(url: str, api_key: Optional[str], timeout: Optional[float] = None,
-            max_in_flight: Optional[int] = None) -> ComfyUIServer:
+                 max_in_flight: Optional[int] = None, *, url_option: str = "--server") -> ComfyUIServer:
+    """A ComfyUI Server block from command-line values; exit 2 naming the option of any invalid
+    one (``url_option``: the option that gave the URL)."""
     settings: dict = {"url": url}
     if max_in_flight is not None:
         settings["max_in_flight"] = max_in_flight
@@ -32,10 +34,10 @@ def server_block(url: str, api_key: Optional[str], timeout: Optional[float] = No
     try:
         return ComfyUIServer(**settings)
     except ValidationError as exc:
-        options = {"url": "--server", "generation_timeout_s": "--timeout", "api_key": "--api-key",
+        options = {"url": url_option, "generation_timeout_s": "--timeout", "api_key": "--api-key",
                    "max_in_flight": "--max-in-flight"}
         problems = "; ".join(
-            f"{options.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else '--server'}: "
+            f"{options.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else url_option}: "
             f"{err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors()
         )

@@ -195,6 +195,7 @@ def test_server_and_pool_save_store_blocks_whose_secrets_stay_secret(monkeypatch
     assert again.exit_code == 2 and "add --overwrite" in again.output
     bad = runner.invoke(app, ["server", "save", "cli-bad", "--url", "http://u:pw-s3cret@gpu-1:8188"])
     assert bad.exit_code == 2 and "pw-s3cret" not in bad.output and "api_key" in bad.output
+    assert bad.output.startswith("--url: ")
 
     pool = runner.invoke(app, ["pool", "save", "cli-fleet", "cli-gpu-1", "--overwrite"])
     assert pool.exit_code == 0, pool.output
