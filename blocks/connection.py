@@ -60,7 +60,7 @@ _MAX_BACKOFF_S = 5.0
 _MIN_RECONCILE_INTERVAL_S = 1.0
 
 EventCallback = Callable[[PromptEvent, PromptTracker], None]
-PromptStatus = Literal["unknown", "pending", "running", "succeeded", "failed"]
+PromptStatus = Literal["unknown", "pending", "running", "succeeded", "failed", "abandoned"]
 
 
 @dataclass
@@ -228,6 +228,8 @@ class ComfyUIConnection:
         self._log = logger or module_logger
         #: prompt ids that close() interrupted while ComfyUI was running them
         self.interrupted_prompts: set[str] = set()
+        #: prompt ids we gave up on ourselves (deleted or interrupted after a timeout): never followed again
+        self.abandoned_prompts: set[str] = set()
         self.client_id = uuid.uuid4().hex
         self.connect_timeout_s = connect_timeout_s
         self.generation_timeout_s = generation_timeout_s
@@ -798,6 +800,9 @@ class ComfyUIConnection:
             raise ConnectionLost(self.url, f"the server stayed unreachable ({waiter.unreachable})",
                                  tracker.prompt_id)
         state = tracker.describe()
+        # ComfyUI may keep an interrupted prompt "running" until its node reaches an interruptible
+        # point: a retry must not follow it (it would only meet execution_interrupted).
+        self.abandoned_prompts.add(tracker.prompt_id)
         self.cancel_prompt(tracker.prompt_id)
         if queued:
             raise GenerationTimeout(tracker.prompt_id, self.queue_timeout_s, state, in_queue=True)

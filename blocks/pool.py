@@ -149,7 +149,13 @@ class ConnectionPool:
                 self._cond.wait(0.5)
 
     def prompt_status(self, prompt_id: str) -> tuple[PromptStatus, Optional[ComfyUIConnection]]:
-        """Where a prompt is: its status on the first live server that knows it, or ``unknown``."""
+        """Where a prompt is: its status on the first live server that knows it, or ``unknown``.
+
+        A prompt this run gave up on itself (interrupted or deleted after a timeout) is
+        ``abandoned``, whatever the server still says: it is never followed again.
+        """
+        if any(prompt_id in c.abandoned_prompts for c in self.connections):
+            return "abandoned", None
         for connection in self.connections:
             if not connection.usable:
                 continue

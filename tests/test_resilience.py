@@ -264,6 +264,22 @@ def test_a_stall_past_the_deadline_is_retried_then_fails_and_leaves_the_queue_cl
     assert comfy.requests[("POST", "/prompt")] == 8 + 2  # each stalled generation tried twice
 
 
+def test_a_timeout_retry_never_follows_the_prompt_it_interrupted(comfy, tmp_path):
+    """ComfyUI keeps an interrupted prompt running until its node reaches an interruptible point
+    (here: nodes without progress steps). The retry must post anew, not re-attach to it and then
+    fail with execution_interrupted."""
+    comfy.execution_time_s, comfy.progress_steps = 3.0, 0
+    state = run(comfy, tmp_path, ["slow"], variants=1, server={"generation_timeout_s": 0.5}, retries=1)
+    [row] = table_of(state)
+    assert row["status"] == "failed" and row["error"].startswith("GenerationTimeout"), row["error"]
+    assert comfy.requests[("POST", "/prompt")] == 2  # the retry posted its own prompt
+    assert set(comfy.posts_per_prompt_id.values()) == {1}
+    deadline = time.monotonic() + 10
+    while comfy.queue_snapshot() != {"queue_running": [], "queue_pending": []} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
+
+
 def test_server_gone_for_good_fails_the_rest_with_a_named_reason(comfy, tmp_path):
     comfy.execution_time_s = 0.3
     _later(1.0, comfy.stop)
