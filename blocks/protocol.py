@@ -103,8 +103,16 @@ class PromptTracker:
 
     @property
     def fully_cached(self) -> bool:
-        """True when the server served every node from its cache (nothing executed)."""
-        return self.done and self.error is None and bool(self.cached_nodes) and not self.executed_nodes
+        """True when the server served every node from its cache (nothing executed).
+
+        With the prompt's nodes known, every one of them must be in ``execution_cached``: a
+        completion read from ``/history`` has no ``executing`` messages to tell executed nodes.
+        """
+        if not (self.done and self.error is None and self.cached_nodes):
+            return False
+        if self.node_types:
+            return set(self.node_types) <= set(self.cached_nodes)
+        return not self.executed_nodes
 
     def describe(self) -> str:
         """A short human text of where the prompt is (for timeouts and logs)."""

@@ -97,6 +97,26 @@ def test_fully_cached_resubmit_is_done_and_marked_cached():
     assert tracker.outputs["2"]["images"][0]["filename"] == "a_single_00002_.png"
 
 
+def test_a_completion_from_history_with_one_node_executed_is_not_cached():
+    """After a reconnect or a re-attach, the prompt completes from GET /history, whose status
+    messages have execution_cached but no executing: node 2 ran, so it is not a cache hit."""
+    from comfy_pipeline.blocks.connection import _history_messages
+
+    entry = {"status": {"status_str": "success", "completed": True, "messages": [
+        ["execution_start", {"prompt_id": "p1", "timestamp": 1}],
+        ["execution_cached", {"nodes": ["1"], "prompt_id": "p1", "timestamp": 2}],
+        ["execution_success", {"prompt_id": "p1", "timestamp": 3}]]}, "outputs": {}}
+    partly = PromptTracker("p1", {"1": "EmptyImage", "2": "SaveImage"})
+    for msg in _history_messages("p1", entry):
+        partly.feed(msg)
+    assert partly.done and not partly.fully_cached
+    entry["status"]["messages"][1][1]["nodes"] = ["1", "2"]
+    whole = PromptTracker("p1", {"1": "EmptyImage", "2": "SaveImage"})
+    for msg in _history_messages("p1", entry):
+        whole.feed(msg)
+    assert whole.done and whole.fully_cached
+
+
 def test_runtime_error_names_node_type_and_exception_but_not_tensors():
     t = load("e_runtime_error.json")
     pid = next(m["data"]["prompt_id"] for m in text_messages(t, "A") if m["type"] == "execution_error")
