@@ -279,8 +279,12 @@ class ComfyUIConnection:
         """
         if self._reader is not None:
             return self
-        self.http.system_stats()
-        self._ws = self._handshake()
+        try:
+            self.http.system_stats()
+            self._ws = self._handshake()
+        except BaseException:
+            self.http.close()  # nothing else was opened; a failed open leaves no pooled socket
+            raise
         self._connected_at = time.monotonic()
         self.stats.connections_opened += 1
         self._reader = threading.Thread(

@@ -143,9 +143,9 @@ class ConnectionPool:
                     best = max(free, key=lambda c: (c.free_slots,
                                                     -(c.stats.last_queue_remaining or 0),
                                                     -self._assigned[c.url]))
-                    best.reserve_slot(block=False)
-                    self._assigned[best.url] += 1
-                    return best
+                    if best.reserve_slot(block=False):  # under the shared condition: it cannot be full
+                        self._assigned[best.url] += 1
+                        return best
                 self._cond.wait(0.5)
 
     def prompt_status(self, prompt_id: str) -> tuple[PromptStatus, Optional[ComfyUIConnection]]:
