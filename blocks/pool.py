@@ -40,8 +40,7 @@ class ConnectionPool:
         self._cond = slot_condition
         self._assigned: Counter = Counter()
         self._log = logger or module_logger
-        self._closed = False
-        self._closed_event = threading.Event()
+        self._closed = threading.Event()
 
     @classmethod
     def open(cls, server: Union[ComfyUIServer, ComfyUIServerPool, Iterable[ComfyUIServer]], *,
@@ -95,8 +94,7 @@ class ConnectionPool:
         Generations waiting for a slot then raise :class:`GenerationCancelled`.
         """
         with self._cond:
-            self._closed = True
-            self._closed_event.set()
+            self._closed.set()
             self._cond.notify_all()
         for connection in self.connections:
             connection.close()
@@ -109,7 +107,7 @@ class ConnectionPool:
         Raises:
             GenerationCancelled: the pool was closed before or during the wait.
         """
-        if self._closed_event.wait(max(0.0, seconds)):
+        if self._closed.wait(max(0.0, seconds)):
             raise GenerationCancelled(", ".join(self.urls))
 
     @property
@@ -131,7 +129,7 @@ class ConnectionPool:
         """
         with self._cond:
             while True:
-                if self._closed:
+                if self._closed.is_set():
                     raise GenerationCancelled(", ".join(self.urls))
                 live = [c for c in self.connections if c.usable]
                 if not live:

@@ -9,12 +9,8 @@ from prefect.blocks.core import Block
 from prefect.types import SecretDict
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
+from .catalog import DOCUMENTATION_URL, LOGO_URL
 from .connection import ComfyUIConnection, ws_url_for
-
-#: The logo shown for our block types in the Prefect UI (ComfyUI's organisation avatar, 256 px).
-LOGO_URL = "https://github.com/Comfy-Org.png?size=256"
-#: What the blocks speak to: ComfyUI's server routes.
-DOCUMENTATION_URL = "https://docs.comfy.org/development/comfyui-server/comms_routes"
 
 
 class ComfyUIServer(Block):

@@ -54,6 +54,7 @@ from typing import Any, Mapping, Optional, Union
 from prefect.blocks.core import Block
 from pydantic import Field
 
+from .catalog import DOCUMENTATION_URL, LOGO_URL
 from .errors import WorkflowError
 
 __all__ = [
@@ -457,13 +458,13 @@ class ComfyUIWorkflow(Block):
 
     _block_type_name = "ComfyUI Workflow"
     _block_type_slug = "comfyui-workflow"
-    _logo_url = "https://github.com/Comfy-Org.png?size=256"
+    _logo_url = LOGO_URL
     _description = (
         "A ComfyUI API-format workflow (Workflow menu -> Export (API)) with bindings that say "
         "which node inputs receive the prompt, seed and other run parameters. Save one with "
         "'comfy-pipeline workflow save NAME FILE'."
     )
-    _documentation_url = "https://docs.comfy.org/development/comfyui-server/comms_routes"
+    _documentation_url = DOCUMENTATION_URL
 
     prompt: dict[str, Any] = Field(
         description=(

@@ -30,7 +30,7 @@ from pydantic import Field
 from ..blocks.errors import ComfyUIError, WorkflowError
 from ..blocks.pool import ConnectionPool
 from ..blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding
-from ..tasks.generate import earlier_prompt_ids, generate, one_line_failures
+from ..tasks.generate import earlier_prompt_ids, flow_attempt, generate, one_line_failures
 from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
 from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, write_report
 from .form import ServerParameter, WorkflowParameter
@@ -91,7 +91,7 @@ class _Generations:
         self.progress = progress
         self.reused: set[int] = set()
         self.futures: dict[int, Any] = {}
-        self.attempt = max(1, runtime.flow_run.run_count or 1)
+        self.attempt = flow_attempt()
         self.counting = True
 
     def run(self, task, connection, template, specs, settings, *, count_progress: bool = True) -> None:
@@ -158,11 +158,11 @@ def _mark_stopped(specs, outcomes: dict, connection: ConnectionPool, retries: in
     """Generations without an outcome when the run stopped: ``interrupted`` if ComfyUI was
     running one of their prompts (close() interrupted it), else ``cancelled``."""
     interrupted = connection.interrupted_prompts
-    flow_attempt = max(1, runtime.flow_run.run_count or 1)
+    attempt = flow_attempt()
     for spec in specs:
         if spec.position in outcomes:
             continue
-        attempts = set(earlier_prompt_ids(spec.prompt_id, flow_attempt, retries + 2, retries + 1))
+        attempts = set(earlier_prompt_ids(spec.prompt_id, attempt, retries + 2, retries + 1))
         status = "interrupted" if attempts & interrupted else "cancelled"
         outcomes[spec.position] = Stopped(status, f"the run was {reason}")
 
@@ -265,7 +265,7 @@ def generate_content(
     )
     facts = RunFacts(character=character, kind=kind, server_url=server.url,
                      output_dir=settings.output_dir, wall_s=0.0,
-                     attempt=max(1, runtime.flow_run.run_count or 1))
+                     attempt=flow_attempt())
     outcomes: dict[int, Outcome] = {}
     progress = ProgressReport(character, kind, len(specs))
     logger.info("%d %s generation(s) for %s: %d description(s) x %d variant(s) on %s",

@@ -125,6 +125,16 @@ def retry_if_transient(task, task_run, state) -> bool:
     return isinstance(exc, BaseException) and is_transient(exc)
 
 
+def flow_attempt() -> int:
+    """Which attempt of the current flow run this is (1, then 2 and more after a retry)."""
+    return max(1, runtime.flow_run.run_count or 1)
+
+
+def task_attempt() -> int:
+    """Which attempt of the current task run this is (1, then 2 and more on its retries)."""
+    return max(1, runtime.task_run.run_count or 1)
+
+
 def attempt_prompt_id(base: str, flow_attempt: int, task_attempt: int) -> str:
     """The ``prompt_id`` of one attempt: ``base`` itself for the first, a uuid5 of it after."""
     if (flow_attempt, task_attempt) == (1, 1):
@@ -148,17 +158,16 @@ def _run_or_reattach(
     connection: ConnectionPool, prompt: dict, spec: GenerationSpec, settings: GenerationSettings,
     progress: "_ProgressLog",
 ) -> tuple[PromptOutcome, list[OutputRef], ComfyUIConnection]:
-    flow_attempt = max(1, runtime.flow_run.run_count or 1)
-    task_attempt = max(1, runtime.task_run.run_count or 1)
+    flow_n, task_n = flow_attempt(), task_attempt()
     options = dict(on_event=progress, heartbeat_s=settings.heartbeat_s,
                    output_types=tuple(settings.output_types))
-    for earlier in earlier_prompt_ids(spec.prompt_id, flow_attempt, task_attempt, settings.retries + 1):
+    for earlier in earlier_prompt_ids(spec.prompt_id, flow_n, task_n, settings.retries + 1):
         status, holder = connection.prompt_status(earlier)
         if holder is not None and status in ("pending", "running", "succeeded"):
             progress.logger.info("%s: prompt %s of an earlier attempt is %s on %s; following it "
                                  "instead of submitting again", progress.prefix, earlier, status, holder.url)
             return connection.run_prompt(prompt, prompt_id=earlier, on=holder, attach=True, **options)
-    current = attempt_prompt_id(spec.prompt_id, flow_attempt, task_attempt)
+    current = attempt_prompt_id(spec.prompt_id, flow_n, task_n)
     return connection.run_prompt(prompt, prompt_id=current, **options)
 
 
@@ -266,8 +275,7 @@ def generate(
         logger.warning("%s: %s", progress.prefix, exc.reason)
         return Cancelled(message=f"{'interrupted' if exc.interrupted else 'cancelled'}: {exc.reason}")
     except ComfyUIError as exc:
-        attempt = max(1, runtime.task_run.run_count or 1)
-        if not (is_transient(exc) and attempt <= settings.retries):
+        if not (is_transient(exc) and task_attempt() <= settings.retries):
             logger.error("%s (%r) failed, prompt_id %s: %s: %s", progress.prefix, trim(spec.description),
                          getattr(exc, "prompt_id", None) or spec.prompt_id, type(exc).__name__, exc)
         logger.debug("%s: traceback of %s", progress.prefix, type(exc).__name__, exc_info=True)
@@ -287,7 +295,7 @@ def retry_delay_s(settings: GenerationSettings, attempt: int) -> float:
 
 
 def _wait_before_retry(connection: ConnectionPool, settings: GenerationSettings, progress: _ProgressLog) -> None:
-    attempt = max(1, runtime.task_run.run_count or 1)
+    attempt = task_attempt()
     delay = retry_delay_s(settings, attempt)
     if delay > 0:
         progress.logger.info("%s: retry %d of %d in %.1f s", progress.prefix, attempt - 1, settings.retries, delay)
@@ -344,5 +352,5 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
         execution_s=round(outcome.execution_s, 3),
         download_s=round(download_s, 3),
         total_s=round(total_s, 3),
-        flow_attempt=max(1, runtime.flow_run.run_count or 1),
+        flow_attempt=flow_attempt(),
     )

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 import comfy_pipeline.blocks as blocks_module
 from comfy_pipeline.blocks import ComfyUIServer, ComfyUIServerPool, ComfyUIWorkflow
-from comfy_pipeline.blocks.server import LOGO_URL
+from comfy_pipeline.blocks.catalog import LOGO_URL
 from tests.conftest import EXAMPLES
 
 BLOCK_TYPES = [ComfyUIServer, ComfyUIServerPool, ComfyUIWorkflow]
