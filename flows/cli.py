@@ -73,7 +73,7 @@ def run(
     concurrency: int = typer.Option(8, "--concurrency", min=1,
                                     help="Generation tasks running at once (threads)."),
     max_in_flight: int = typer.Option(2, "--max-in-flight", min=1,
-                                      help="Prompts queued or running per server (default 2)."),
+                                      help="Prompts queued or running per server."),
     retries: int = typer.Option(2, "--retries", min=0, max=10,
                                 help="Retries per generation for transient failures (0-10)."),
     retry_delay: float = typer.Option(5.0, "--retry-delay", min=0,

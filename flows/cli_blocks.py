@@ -24,7 +24,7 @@ pool_app = typer.Typer(add_completion=False, no_args_is_help=True,
 def _save(block: Block, name: str, overwrite: bool, what: str) -> str:
     """Save ``block`` as ``name``; return where (the Prefect API's URL or the local database).
     Exit 2 for an invalid name or a name in use without ``--overwrite``."""
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
     if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name):
         raise fail(f"block name {name!r}: use lowercase letters, digits and dashes, e.g. gpu-1", 2)
@@ -35,7 +35,8 @@ def _save(block: Block, name: str, overwrite: bool, what: str) -> str:
         if "already" in reason.lower():
             reason = f"a {block.get_block_type_name()} block named {name!r} exists; add --overwrite to replace it"
         raise fail(f"could not save {what} as {name!r}: {reason}", 2) from None
-    return PREFECT_API_URL.value() or "the local Prefect database (~/.prefect; set PREFECT_API_URL for a server)"
+    return PREFECT_API_URL.value() or (
+        f"the local Prefect database in {PREFECT_HOME.value()} (set PREFECT_API_URL for a Prefect server)")
 
 
 @workflow_app.command("save")
