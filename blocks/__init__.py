@@ -6,8 +6,12 @@ Register every block type with ``prefect block register -m comfy_pipeline.blocks
   and secrets.
 - :class:`ComfyUIWorkflow` (``workflow.py``): the Block holding a workflow and its bindings.
 - :class:`ConnectionPool` (``pool.py``): the live connections of one flow run.
-- :class:`ComfyUIConnection` (``connection.py``): one WebSocket + HTTP session, the reader
-  thread that routes messages by ``prompt_id``.
+- :class:`ComfyUIConnection` (``connection.py``): one server's HTTP client, WebSocket and
+  in-flight slots, and the prompts waited for on them.
+- ``transport.py``: the WebSocket (handshake, reader thread that routes messages, keepalive,
+  reconnect); ``slots.py``: the in-flight slots; ``watcher.py``: every decision while waiting
+  for one prompt (deadlines, checks with the server, failover), no I/O.
+- ``http_api.py``: ComfyUI's HTTP endpoints, one method each.
 - ``protocol.py``: message parsing and the per-prompt tracker, no I/O.
 - ``workflow.py``: workflow templates, parameter bindings and seeds.
 - ``errors.py``: one exception type per failure a user can meet.
@@ -24,6 +28,8 @@ from .errors import (
     GenerationTimeout,
     NodeExecutionError,
     OutputError,
+    PromptLost,
+    PromptMoved,
     PromptValidationError,
     ServerError,
     ServerUnreachable,
@@ -32,7 +38,7 @@ from .errors import (
 from .protocol import OutputRef, PromptEvent, PromptTracker, outputs_from_history
 from .pool import ConnectionPool
 from .server import ComfyUIServer, ComfyUIServerPool
-from .workflow import ComfyUIWorkflow, SeedMode, choose_seed, load_workflow_file
+from .workflow import ComfyUIWorkflow, SeedMode, choose_seed
 
 __all__ = [
     "AuthenticationFailed",
@@ -52,6 +58,8 @@ __all__ = [
     "OutputRef",
     "PromptEvent",
     "PromptOutcome",
+    "PromptLost",
+    "PromptMoved",
     "PromptTracker",
     "PromptValidationError",
     "ServerError",
@@ -60,6 +68,5 @@ __all__ = [
     "ComfyUIWorkflow",
     "SeedMode",
     "choose_seed",
-    "load_workflow_file",
     "outputs_from_history",
 ]

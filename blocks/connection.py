@@ -1,129 +1,63 @@
-"""One live ComfyUI connection: one WebSocket, one HTTP session, one reader thread.
+"""One live ComfyUI connection: the HTTP client, the WebSocket transport, the in-flight slots,
+and the prompts waited for on them.
 
-The reader thread is the WebSocket demultiplexer: it reads every frame of ``/ws`` and hands
-each message that carries a ``prompt_id`` to the waiter registered for that prompt, so any
-number of threads can have prompts in flight on the same connection and each sees only its
-own messages. Messages without a ``prompt_id`` (``status``, ``executing`` after a reconnect),
-malformed frames and binary preview frames are recorded or skipped, never fatal.
+Any number of threads can have prompts in flight on one connection: each registers a waiter
+before its ``POST /prompt``, the transport's reader thread routes every message carrying a
+``prompt_id`` to that prompt's waiter, and the waiter's :class:`~.watcher.PromptWatcher`
+decides what happens next. This module does the I/O those decisions call for: ask the server
+about a prompt (``GET /history/{prompt_id}``, ``GET /queue``), remove it (``POST /queue``
+delete, ``POST /interrupt`` by ``prompt_id``), hand it to another server when its own has
+been unreachable too long.
 
-When the socket drops, the reader reconnects with backoff using the SAME ``client_id`` and
-asks every waiter to reconcile with the server (``GET /history/{prompt_id}``, ``GET /queue``):
+After a reconnect (same ``client_id``) every waiter asks the server about its prompt:
 messages sent while we were away are lost, so finished prompts complete from history and
-running or pending ones keep waiting. Nothing is submitted again. A waiter that hears nothing
-for ``idle_timeout_s`` reconciles the same way; a prompt found nowhere several times in a row
-fails with :class:`PromptLost`.
+running or pending ones keep waiting. Nothing is submitted again.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
-from urllib.parse import urlsplit, urlunsplit
-
-import websocket
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from .errors import (
-    AuthenticationFailed,
     ComfyUIError,
     ConnectionLost,
     GenerationCancelled,
-    GenerationTimeout,
     OutputError,
-    PromptLost,
+    PromptMoved,
     PromptValidationError,
     ServerError,
     ServerUnreachable,
 )
 from .http_api import ComfyUIHTTP
-from .protocol import (
-    OutputRef,
-    PromptEvent,
-    PromptTracker,
-    binary_event_type,
-    outputs_from_history,
-    parse_text_frame,
-    prompt_id_of,
-    queue_remaining_of,
-)
+from .protocol import OutputRef, PromptEvent, PromptTracker, outputs_from_history, prompt_id_of, queue_remaining_of
+from .slots import Slots
+from .transport import ConnectionStats, WebSocketTransport
+from .watcher import Link, PromptOutcome, PromptStatus, PromptWatcher
 
 module_logger = logging.getLogger("comfy_pipeline.connection")
 
-_STABLE_AFTER_S = 10.0  # a socket up this long counts as healthy: its backoff starts over
-_MAX_BACKOFF_S = 5.0
-_MIN_RECONCILE_INTERVAL_S = 1.0
-
 EventCallback = Callable[[PromptEvent, PromptTracker], None]
-PromptStatus = Literal["unknown", "pending", "running", "succeeded", "failed", "abandoned"]
+Logger = Union[logging.Logger, logging.LoggerAdapter]
 
-
-@dataclass
-class ConnectionStats:
-    """Facts about one connection for the report.
-
-    ``connections_opened`` counts WebSocket handshakes that opened the connection (1 for a
-    flow run); ``reconnects`` counts handshakes after a drop; ``binary_frames_skipped`` counts
-    preview frames; ``malformed_frames`` frames that were not JSON messages;
-    ``unroutable_messages`` messages with a ``prompt_id`` that no waiter of ours owns;
-    ``polls`` reconciliations with ``/history`` + ``/queue``.
-    """
-
-    connections_opened: int = 0
-    reconnects: int = 0
-    disconnects: int = 0
-    messages: int = 0
-    binary_frames_skipped: int = 0
-    malformed_frames: int = 0
-    unroutable_messages: int = 0
-    prompts_submitted: int = 0
-    prompts_attached: int = 0
-    polls: int = 0
-    last_queue_remaining: Optional[int] = None
-
-
-@dataclass
-class PromptOutcome:
-    """What :meth:`ComfyUIConnection.wait` saw of one finished prompt.
-
-    Times are ``time.monotonic()`` seconds; ``queued_s`` runs from submit to
-    ``execution_start``, ``execution_s`` from there to completion.
-    """
-
-    prompt_id: str
-    submitted_at: float
-    started_at: Optional[float]
-    finished_at: float
-    cached: bool
-    cached_nodes: list[str] = field(default_factory=list)
-    executed_nodes: list[str] = field(default_factory=list)
-
-    @property
-    def queued_s(self) -> float:
-        return max(0.0, (self.started_at or self.finished_at) - self.submitted_at)
-
-    @property
-    def execution_s(self) -> float:
-        return max(0.0, self.finished_at - (self.started_at or self.finished_at))
+__all__ = ["ComfyUIConnection", "ConnectionStats", "EventCallback", "PromptOutcome", "PromptStatus"]
 
 
 class _Waiter:
-    def __init__(self, tracker: PromptTracker, submitted_at: float):
-        self.tracker = tracker
+    def __init__(self, watcher: PromptWatcher, frames: int):
+        self.watcher = watcher
         self.inbox: "queue.Queue[Any]" = queue.Queue()
-        self.submitted_at = submitted_at
-        self.started_at: Optional[float] = None
-        self.missing_polls = 0
-        self.unreachable: Optional[str] = None
+        #: the transport's text-frame count when this prompt last heard something
+        self.frames_when_heard = frames
 
 
 class _Closed:
-    """Put into every waiter's inbox when the connection is finished for good."""
+    """Put into every waiter's inbox when the connection is closed."""
 
     def __init__(self, reason: str, by_us: bool = False, interrupted: bool = False):
         self.reason = reason
@@ -142,38 +76,16 @@ class _Reconcile:
     """Put into every waiter's inbox after a reconnect: ask the server what happened."""
 
 
+class _LinkChanged:
+    """Put into every waiter's inbox when the WebSocket went down: look at the deadlines again."""
+
+
 def _notify(on_event: EventCallback, event: PromptEvent, tracker: PromptTracker) -> None:
     """Call a progress callback; a failing callback must not fail the generation."""
     try:
         on_event(event, tracker)
     except Exception:
         module_logger.exception("progress callback failed on %s event for prompt %s", event.kind, tracker.prompt_id)
-
-
-def ws_url_for(http_url: str, client_id: str) -> str:
-    """``http(s)://host:port/base`` -> ``ws(s)://host:port/base/ws?clientId=<client_id>``."""
-    parts = urlsplit(http_url)
-    scheme = {"http": "ws", "https": "wss"}[parts.scheme]
-    path = parts.path.rstrip("/") + "/ws"
-    return urlunsplit((scheme, parts.netloc, path, f"clientId={client_id}", ""))
-
-
-def _history_messages(prompt_id: str, entry: Mapping[str, Any]) -> list[dict]:
-    """A history entry's ``status.messages`` as WebSocket-style messages, ending in a completion."""
-    status = entry.get("status") or {}
-    messages = []
-    for item in status.get("messages") or []:
-        if isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict):
-            data = dict(item[1])
-            data.setdefault("prompt_id", prompt_id)
-            messages.append({"type": item[0], "data": data})
-    if status.get("status_str", "success") == "success":
-        messages.append({"type": "execution_success", "data": {"prompt_id": prompt_id}})
-    elif not any(m["type"] in ("execution_error", "execution_interrupted") for m in messages):
-        messages.append({"type": "execution_error", "data": {
-            "prompt_id": prompt_id, "node_id": None, "node_type": None,
-            "exception_type": "unknown", "exception_message": f"history status {status.get('status_str')!r}"}})
-    return messages
 
 
 class ComfyUIConnection:
@@ -194,7 +106,14 @@ class ComfyUIConnection:
         queue_timeout_s: seconds one prompt may wait in the server's queue before it starts.
         idle_timeout_s: seconds without a message for a prompt before asking the server about it
             (``/history`` + ``/queue``) instead of waiting blindly.
-        reconnect_timeout_s: seconds to keep trying to reconnect a dropped WebSocket.
+        reconnect_timeout_s: seconds a prompt waits for its unreachable server before it fails
+            with :class:`ConnectionLost` (transient: retried). The connection itself keeps
+            reconnecting, with backoff, for as long as it is open.
+        failover_after_s: seconds a prompt waits for its unreachable server before it moves to
+            another server of the pool that is connected and has a free slot.
+        keepalive_s: seconds of WebSocket silence before a ping, and seconds allowed for any
+            answer; a socket that stays silent, or hears no queue ``status`` within this long
+            after one of our POSTs (deaf), is replaced.
         lost_after_polls: consecutive checks that find a prompt nowhere before :class:`PromptLost`.
         http_timeout_s: seconds allowed for one HTTP response (read timeout).
         max_in_flight: prompts of ours submitted and not finished at once (2: one running, one
@@ -218,58 +137,47 @@ class ComfyUIConnection:
         queue_timeout_s: float = 3600.0,
         idle_timeout_s: float = 30.0,
         reconnect_timeout_s: float = 120.0,
+        failover_after_s: float = 10.0,
+        keepalive_s: float = 2.0,
         lost_after_polls: int = 3,
         http_timeout_s: float = 60.0,
         max_in_flight: int = 2,
         slot_condition: Optional[threading.Condition] = None,
-        logger: Optional[Union[logging.Logger, logging.LoggerAdapter]] = None,
+        logger: Optional[Logger] = None,
     ):
         self.url = url.rstrip("/")
         self._log = logger or module_logger
         #: prompt ids that close() interrupted while ComfyUI was running them
         self.interrupted_prompts: set[str] = set()
-        #: prompt ids we gave up on ourselves (deleted or interrupted after a timeout): never followed again
+        #: prompt ids we gave up on ourselves (timed out, or moved to another server): never followed again
         self.abandoned_prompts: set[str] = set()
+        #: prompt ids that moved to another server and finished here anyway (their files stay here)
+        self.finished_after_move: set[str] = set()
         self.client_id = uuid.uuid4().hex
-        self.connect_timeout_s = connect_timeout_s
         self.generation_timeout_s = generation_timeout_s
         self.queue_timeout_s = queue_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.reconnect_timeout_s = reconnect_timeout_s
+        self.failover_after_s = failover_after_s
         self.lost_after_polls = lost_after_polls
-        self.verify_tls = verify_tls
+        #: set by the pool: is another server connected with a free slot (may a prompt move)?
+        self.can_fail_over: Callable[["ComfyUIConnection"], bool] = lambda connection: False
         self.stats = ConnectionStats()
+        self.slots = Slots(max_in_flight, slot_condition)
         self.http = ComfyUIHTTP(self.url, headers=headers, verify_tls=verify_tls,
                                 connect_timeout_s=connect_timeout_s, http_timeout_s=http_timeout_s,
                                 logger=self._log)
-        self._headers = dict(headers or {})
-        self._ws: Optional[websocket.WebSocket] = None
-        self._reader: Optional[threading.Thread] = None
+        self.transport = WebSocketTransport(
+            self.url, self.client_id, headers=dict(headers or {}), verify_tls=verify_tls,
+            connect_timeout_s=connect_timeout_s, keepalive_s=keepalive_s,
+            on_message=self._on_message, on_link=self._on_link, stats=self.stats, logger=self._log)
         self._waiters: dict[str, _Waiter] = {}
+        self._moved: set[str] = set()  # moved away while this server was unreachable: remove when it is back
         self._lock = threading.Lock()
-        self._closing = threading.Event()
+        self._opened = False
         self._closed = False
-        self._dead_reason: Optional[str] = None
-        self._dropped_reason: Optional[str] = None  # set while the WebSocket is down
-        self._connected_at = 0.0
-        self._backoff_s = 0.0
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        self.max_in_flight = max_in_flight
-        self._slots_taken = 0
-        self._slot_cond = slot_condition or threading.Condition()
 
     # ----------------------------------------------------------------- lifecycle
-    @property
-    def ws_url(self) -> str:
-        """The ``/ws?clientId=`` URL this connection uses (the same after every reconnect)."""
-        return ws_url_for(self.url, self.client_id)
-
-    @property
-    def is_open(self) -> bool:
-        """True while the reader runs (connected, or reconnecting)."""
-        return self._reader is not None and self._reader.is_alive() and not self._closed
-
     def open(self) -> "ComfyUIConnection":
         """Check the server (``GET /system_stats``), open the WebSocket, start the reader.
 
@@ -277,55 +185,32 @@ class ComfyUIConnection:
             ServerUnreachable: no answer within ``connect_timeout_s`` (names the URL).
             AuthenticationFailed: HTTP 401/403 or a refused WebSocket upgrade.
         """
-        if self._reader is not None:
+        if self._opened:
             return self
         try:
             self.http.system_stats()
-            self._ws = self._handshake()
+            self.transport.open()
         except BaseException:
             self.http.close()  # nothing else was opened; a failed open leaves no pooled socket
             raise
-        self._connected_at = time.monotonic()
-        self.stats.connections_opened += 1
-        self._reader = threading.Thread(
-            target=self._read_loop, name=f"comfyui-reader-{self.client_id[:8]}", daemon=True
-        )
-        self._reader.start()
+        self._opened = True
         self._log.debug("connected to %s as client_id %s", self.url, self.client_id)
         return self
-
-    def _handshake(self) -> websocket.WebSocket:
-        try:
-            ws = websocket.create_connection(
-                self.ws_url,
-                timeout=self.connect_timeout_s,
-                header=[f"{k}: {v}" for k, v in self._headers.items()],
-                sslopt=None if self.verify_tls else {"cert_reqs": 0, "check_hostname": False},
-                enable_multithread=True,
-            )
-        except websocket.WebSocketBadStatusException as exc:
-            if exc.status_code in (401, 403):
-                raise AuthenticationFailed(self.url, exc.status_code) from exc
-            raise ServerUnreachable(self.url, f"WebSocket upgrade refused: {exc}") from exc
-        except (OSError, websocket.WebSocketException) as exc:
-            raise ServerUnreachable(self.url, f"WebSocket {self.ws_url.split('?')[0]}: {exc}") from exc
-        ws.settimeout(None)  # the reader blocks; close() unblocks it
-        return ws
 
     def close(self, *, cancel_in_flight: bool = True) -> None:
         """Release the connection. Idempotent; safe from any thread.
 
         Prompts of ours still in flight are first removed from the server (deleted if
         pending, interrupted by ``prompt_id`` if running), unless ``cancel_in_flight`` is
-        False; their waiters are woken with :class:`ConnectionLost`. Then the WebSocket is
+        False; their waiters are woken with :class:`GenerationCancelled`. Then the WebSocket is
         closed, the reader thread ends and the HTTP session is closed.
         """
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
+            self._closed = True  # from here no waiter can register, so no POST can leave
             in_flight = list(self._waiters)
-        # From here the reader cannot install a new socket (see _reconnect), so self._ws is final.
+        self.slots.notify()  # generations waiting for a slot give up now
         if cancel_in_flight and in_flight:
             self._log.warning("closing with %d prompt(s) in flight on %s: removing them from the server",
                               len(in_flight), self.url)
@@ -337,30 +222,9 @@ class ComfyUIConnection:
             self._wake_all("the connection was closed (the flow run ended or was cancelled) and the "
                            "prompt was removed from the server", interrupted=running)
             self.cancel_prompts(in_flight, snapshot=snapshot)
-        self._closing.set()
-        ws = self._ws
-        if ws is not None:
-            try:
-                ws.send_close()
-            except (OSError, websocket.WebSocketException) as exc:
-                self._log.debug("close frame not sent: %s", exc)
-            if self._reader is not None:
-                self._reader.join(timeout=2.0)
-            self._shutdown_socket(ws)
-        if self._reader is not None:
-            # A reconnect handshake in progress cannot be interrupted; it ends within connect_timeout_s.
-            self._reader.join(timeout=self.connect_timeout_s + 2.0)
-            if self._reader.is_alive():
-                self._log.error("the WebSocket reader for %s did not stop", self.url)
+        self.transport.close()
         self._wake_all("the connection was closed")
         self.http.close()
-
-    @staticmethod
-    def _shutdown_socket(ws: websocket.WebSocket) -> None:
-        try:
-            ws.shutdown()
-        except (OSError, websocket.WebSocketException) as exc:
-            module_logger.debug("socket shutdown: %s", exc)
 
     def __enter__(self) -> "ComfyUIConnection":
         return self.open()
@@ -375,106 +239,34 @@ class ComfyUIConnection:
     def __reduce__(self):
         raise TypeError("ComfyUIConnection is a live resource and cannot be pickled")
 
-    # ----------------------------------------------------------------- reader thread
-    def _read_loop(self) -> None:
-        reason = "the connection was closed"
-        try:
-            while not self._closing.is_set():
-                ws = self._ws
-                assert ws is not None
-                reason = self._pump(ws)
-                if self._closing.is_set():
-                    reason = "the connection was closed"
-                    break
-                self.stats.disconnects += 1
-                self._dropped_reason = reason
-                self._log.warning("WebSocket to %s dropped (%s); reconnecting as client_id %s",
-                               self.url, reason, self.client_id)
-                self._shutdown_socket(ws)
-                if self._reconnect(reason) is None:
-                    break
-                self._dropped_reason = None
-                self.stats.reconnects += 1
-                with self._slot_cond:  # generations waiting for a connected server may go on
-                    self._slot_cond.notify_all()
-                self._log.warning("WebSocket to %s reconnected; checking %d prompt(s) in flight",
-                               self.url, len(self._waiters))
-                with self._lock:
-                    waiters = list(self._waiters.values())
-                for waiter in waiters:
-                    waiter.inbox.put(_Reconcile())
-        except Exception as exc:  # a bug of ours must not leave waiters hanging
-            self._log.exception("WebSocket reader crashed")
-            reason = f"the WebSocket reader crashed: {type(exc).__name__}: {exc}"
-        finally:
-            if not self._closing.is_set():
-                self._dead_reason = reason
-            self._wake_all(reason)
+    # ----------------------------------------------------------------- state
+    @property
+    def usable(self) -> bool:
+        """Open (it may be reconnecting)."""
+        return self._opened and not self._closed
 
-    def _pump(self, ws: websocket.WebSocket) -> str:
-        """Read frames until the socket ends; return why it ended."""
-        try:
-            while not self._closing.is_set():
-                opcode, payload = ws.recv_data()
-                if opcode == websocket.ABNF.OPCODE_TEXT:
-                    try:
-                        self._route_text(payload)
-                    except Exception:  # one odd frame must never take the reader down
-                        self.stats.malformed_frames += 1
-                        self._log.exception("skipped a text frame that could not be handled: %r", payload[:200])
-                elif opcode == websocket.ABNF.OPCODE_BINARY:
-                    self.stats.binary_frames_skipped += 1
-                    self._log.debug("skipped binary frame, event type %s, %d bytes",
-                                 binary_event_type(payload), len(payload))
-                elif opcode == websocket.ABNF.OPCODE_CLOSE:
-                    return "the server closed the WebSocket"
-        except (OSError, websocket.WebSocketException) as exc:
-            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        return "the connection was closed"
+    @property
+    def connected(self) -> bool:
+        """The WebSocket is up right now."""
+        return self.usable and self.transport.up
 
-    def _reconnect(self, reason: str) -> Optional[websocket.WebSocket]:
-        """Handshake again with the same client_id, with exponential backoff and jitter.
+    @property
+    def free_slots(self) -> int:
+        """How many more prompts may be in flight now (``max_in_flight`` minus those in flight)."""
+        return self.slots.free
 
-        The backoff carries over between drops: a socket that dropped within
-        ``_STABLE_AFTER_S`` of opening (a flapping proxy or server) makes the next reconnect
-        wait longer instead of hammering the server. Returns the new socket, now in use, or
-        ``None`` when closing or after ``reconnect_timeout_s``.
-        """
-        deadline = time.monotonic() + self.reconnect_timeout_s
-        if time.monotonic() - self._connected_at >= _STABLE_AFTER_S:
-            self._backoff_s = 0.0  # it was up for a while: try again at once
-        last = reason
-        while not self._closing.is_set():
-            if self._backoff_s:
-                pause = self._backoff_s * (0.5 + random.random())
-                if self._closing.wait(min(pause, max(0.0, deadline - time.monotonic()))):
-                    return None
-            self._backoff_s = min(max(self._backoff_s * 2, 0.1), _MAX_BACKOFF_S)
-            if time.monotonic() >= deadline:
-                break
-            try:
-                ws = self._handshake()
-            except ComfyUIError as exc:
-                last = str(exc)
-                continue
-            with self._lock:
-                if self._closed:  # close() ran meanwhile: this socket must not outlive it
-                    self._shutdown_socket(ws)
-                    return None
-                self._ws = ws
-                self._connected_at = time.monotonic()
-            return ws
-        if not self._closing.is_set():
-            self._log.error("gave up reconnecting to %s after %g s: %s", self.url, self.reconnect_timeout_s, last)
-        return None
+    @property
+    def max_in_flight(self) -> int:
+        return self.slots.capacity
 
-    def _route_text(self, payload: bytes | str) -> None:
-        self.stats.messages += 1
-        msg = parse_text_frame(payload)
-        if msg is None:
-            self.stats.malformed_frames += 1
-            self._log.debug("skipped malformed text frame: %r", payload[:200])
-            return
+    def _link(self) -> Link:
+        down_since = self.transport.down_since
+        if down_since is None:
+            return Link()
+        return Link(down_since, self.transport.down_reason, self.can_fail_over(self))
+
+    # ----------------------------------------------------------------- transport callbacks
+    def _on_message(self, msg: dict, received_at: float) -> None:
         if msg["type"] == "status":
             remaining = queue_remaining_of(msg)
             if remaining is not None:
@@ -486,10 +278,40 @@ class ComfyUIConnection:
             return
         with self._lock:
             waiter = self._waiters.get(prompt_id)
-        if waiter is None:
-            self.stats.unroutable_messages += 1
-            return
-        waiter.inbox.put((time.monotonic(), msg))
+        if waiter is not None:
+            waiter.inbox.put((received_at, msg))
+
+    def _on_link(self, up: bool) -> None:
+        self.slots.notify()  # generations waiting for a connected server look again
+        with self._lock:
+            waiters = list(self._waiters.values())
+            moved, self._moved = (set(self._moved), set()) if up else (set(), self._moved)
+        for waiter in waiters:
+            waiter.inbox.put(_Reconcile() if up else _LinkChanged())
+        if up and waiters:
+            self._log.warning("checking %d prompt(s) in flight on %s", len(waiters), self.url)
+        if moved:
+            threading.Thread(target=self._remove_moved, args=(moved,), daemon=True,
+                             name=f"comfyui-cleanup-{self.client_id[:8]}").start()
+
+    def _remove_moved(self, prompt_ids: set[str]) -> None:
+        """This server is back: remove the prompts that moved away while it was unreachable; one
+        that finished here anyway is recorded in :attr:`finished_after_move`, never downloaded."""
+        for prompt_id in sorted(prompt_ids):
+            try:
+                status, _ = self.prompt_status(prompt_id)
+            except ComfyUIError as exc:
+                self._log.warning("could not check moved prompt %s on %s: %s", prompt_id, self.url, exc)
+                continue
+            if status in ("pending", "running"):
+                self.cancel_prompts([prompt_id])
+                self._log.warning("%s is back: removed prompt %s, which had moved to another server",
+                                  self.url, prompt_id)
+            elif status == "succeeded":
+                self.finished_after_move.add(prompt_id)
+                self._log.warning("%s is back: prompt %s finished there after it had moved to another "
+                                  "server; its files stay on %s and are not downloaded", self.url, prompt_id,
+                                  self.url)
 
     def _wake_all(self, reason: str, interrupted: Iterable[str] = ()) -> None:
         interrupted = set(interrupted)
@@ -498,81 +320,53 @@ class ComfyUIConnection:
         for prompt_id, waiter in waiters:
             waiter.inbox.put(_Closed(reason, by_us=self._closed, interrupted=prompt_id in interrupted))
 
-    # ----------------------------------------------------------------- HTTP conveniences
-    def system_stats(self) -> dict:
-        """``GET /system_stats``. Raises :class:`ServerUnreachable` within ``connect_timeout_s``."""
-        return self.http.system_stats()
-
-    def download(self, ref: OutputRef, dest: Union[Path, Iterable[Path]]) -> tuple[Path, int]:
-        """``GET /view`` to ``dest`` or the first free candidate path (see :meth:`ComfyUIHTTP.download`).
-
-        Returns ``(path, bytes_written)``.
-        """
-        return self.http.download(ref, dest)
-
-    # ----------------------------------------------------------------- prompts
     # ----------------------------------------------------------------- in-flight slots
-    @property
-    def usable(self) -> bool:
-        """Open and not given up on (it may be reconnecting)."""
-        return not self._closed and self._dead_reason is None
-
-    @property
-    def connected(self) -> bool:
-        """The WebSocket is up right now."""
-        return self.usable and self._dropped_reason is None
-
-    @property
-    def free_slots(self) -> int:
-        """How many more prompts may be in flight now (``max_in_flight`` minus those in flight)."""
-        return self.max_in_flight - self._slots_taken
-
     def reserve_slot(self, *, block: bool = True) -> bool:
         """Take one of the ``max_in_flight`` slots, waiting for one if ``block``.
 
         Raises:
-            ConnectionLost: the connection closed or died while waiting.
+            GenerationCancelled: the connection was closed (before or while waiting).
         """
-        with self._slot_cond:
-            while True:
-                if not self.usable:  # also when a slot is free: nothing may start after close()
-                    raise self._unusable()
-                if self._slots_taken < self.max_in_flight:
-                    break
-                if not block:
-                    return False
-                self._slot_cond.wait(0.5)
-            self._slots_taken += 1
-            return True
+        if not block:
+            self._check_usable()
+            return self.slots.try_take()
+        self.slots.take(self._check_usable)
+        return True
 
-    def _unusable(self) -> ConnectionLost:
-        if self._closed:
-            return GenerationCancelled(self.url)
-        return ConnectionLost(self.url, self._dead_reason or "the connection is closed")
+    def _check_usable(self) -> None:
+        if self._closed:  # also when a slot is free: nothing may start after close()
+            raise GenerationCancelled(self.url)
+        if not self._opened:
+            raise ConnectionLost(self.url, "the connection is not open")
 
-    def _release_slot(self) -> None:
-        with self._slot_cond:
-            self._slots_taken -= 1
-            self._slot_cond.notify_all()
-
-    def _register(self, prompt_id: str, prompt: Optional[Mapping[str, Any]], *, reserved: bool = False) -> _Waiter:
-        if not self.usable:
-            if reserved:
-                self._release_slot()
-            raise self._unusable()
+    def _register(self, prompt_id: str, prompt: Optional[Mapping[str, Any]], *, reserved: bool,
+                  messages_expected: bool = True) -> _Waiter:
         if not reserved:
             self.reserve_slot()
         node_types = {str(k): v.get("class_type") for k, v in (prompt or {}).items() if isinstance(v, Mapping)}
-        waiter = _Waiter(PromptTracker(prompt_id, node_types), time.monotonic())
+        watcher = PromptWatcher(
+            prompt_id, node_types, url=self.url, submitted_at=time.monotonic(),
+            queue_timeout_s=self.queue_timeout_s, run_timeout_s=self.generation_timeout_s,
+            idle_timeout_s=self.idle_timeout_s, reconnect_timeout_s=self.reconnect_timeout_s,
+            failover_after_s=self.failover_after_s, lost_after_polls=self.lost_after_polls,
+            messages_expected=messages_expected)
+        waiter = _Waiter(watcher, self.transport.text_frames())
         with self._lock:  # the lock close() takes to mark the connection closed and list our prompts
             closed = self._closed
             if not closed:
                 self._waiters[prompt_id] = waiter
         if closed:
-            self._release_slot()
+            self.slots.give_back()
             raise GenerationCancelled(self.url)
         return waiter
 
+    def _forget(self, prompt_id: str) -> None:
+        with self._lock:
+            waiter = self._waiters.pop(prompt_id, None)
+        if waiter is not None:
+            self.slots.give_back()
+
+    # ----------------------------------------------------------------- prompts
     def submit(
         self,
         prompt: Mapping[str, Any],
@@ -586,6 +380,8 @@ class ComfyUIConnection:
         The waiter is registered before the POST, so no message of the prompt can be missed.
         If the POST fails in transport (an ambiguous submit: it may have arrived), the server
         is asked whether it has the ``prompt_id``; if it has, the prompt is kept, not re-sent.
+        ``reserved``: the caller already holds one of this connection's in-flight slots
+        (:meth:`reserve_slot`); it is given back when the prompt finishes.
 
         Returns:
             the ``prompt_id`` (a uuid4 string unless one was given).
@@ -594,39 +390,41 @@ class ComfyUIConnection:
             PromptValidationError: HTTP 400, with every ``node_errors`` entry in the message.
             ServerError: any other non-200 answer (e.g. 500).
             ServerUnreachable / ConnectionLost: the server or the connection is gone.
+            GenerationCancelled: the connection was closed before or while submitting (a prompt
+                that reached the server anyway is removed from it).
         """
         prompt_id = prompt_id or str(uuid.uuid4())
         self._register(prompt_id, prompt, reserved=reserved)
         body: dict[str, Any] = {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id}
         if extra_data:
             body["extra_data"] = dict(extra_data)
+        frames_before = self.transport.text_frames()
         try:
             answer = self.http.post_prompt(body)
         except ServerUnreachable:
             if self._server_has(prompt_id):
                 self._log.warning("POST /prompt for %s failed in transport but the server has it; "
-                               "following it instead of posting again", prompt_id)
-                self.stats.prompts_submitted += 1
+                                  "following it instead of posting again", prompt_id)
                 return prompt_id
             self._forget(prompt_id)
             raise
         except BaseException:
             self._forget(prompt_id)
             raise
-        self.stats.prompts_submitted += 1
         if self._closed:
             # close() ran while the POST was on its way: its look at the queue may have missed this
             # prompt, so remove it here; no prompt of ours may run after close().
             self._remove_late(prompt_id)
+        self.transport.expect_broadcast(frames_before)
         if answer.get("node_errors"):
             # HTTP 200 with node_errors: the valid outputs run, the invalid ones are dropped.
             self._log.warning("%s", PromptValidationError({"message": "some outputs were dropped"},
-                                                      answer["node_errors"]))
+                                                          answer["node_errors"]))
         returned = answer.get("prompt_id")
         if returned and returned != prompt_id:  # a server that ignores the client's prompt_id
             with self._lock:
                 waiter = self._waiters.pop(prompt_id)
-                waiter.tracker.prompt_id = returned
+                waiter.watcher.tracker.prompt_id = returned
                 self._waiters[returned] = waiter
             prompt_id = returned
         return prompt_id
@@ -671,14 +469,13 @@ class ComfyUIConnection:
         return ("succeeded" if ok else "failed"), entry
 
     def attach(self, prompt_id: str, prompt: Optional[Mapping[str, Any]] = None, *, reserved: bool = False) -> str:
-        """Follow a prompt that is already on the server (submitted earlier, maybe by a lost attempt).
-
-        Registers a waiter and has it reconcile with the server at once, so a prompt that
-        already finished completes from history. Returns ``prompt_id``.
+        """Follow a prompt that is already on the server (submitted earlier, maybe by a lost attempt
+        from another process, whose messages go to another client_id: it is asked about every
+        second). It is checked at once, so a prompt that already finished completes from history.
+        Returns ``prompt_id``.
         """
-        waiter = self._register(prompt_id, prompt, reserved=reserved)
+        waiter = self._register(prompt_id, prompt, reserved=reserved, messages_expected=False)
         waiter.inbox.put(_Reconcile())
-        self.stats.prompts_attached += 1
         return prompt_id
 
     def wait(
@@ -709,143 +506,102 @@ class ComfyUIConnection:
             GenerationTimeout: not finished in time; the prompt is removed from the server
                 (deleted if pending, interrupted if running).
             PromptLost: the server no longer knows the prompt (it restarted).
-            ConnectionLost: the connection was closed, or the server stayed unreachable.
+            PromptMoved: its server was unreachable for ``failover_after_s`` while another
+                server of the pool was free (the pool runs it there).
+            ConnectionLost: the server stayed unreachable for ``reconnect_timeout_s``.
+            GenerationCancelled: the connection was closed (the run ended or was cancelled).
         """
         with self._lock:
             waiter = self._waiters.get(prompt_id)
         if waiter is None:
             raise KeyError(f"prompt {prompt_id} was not submitted on this connection")
-        timeout_s = self.generation_timeout_s if timeout_s is None else timeout_s
-        tracker = waiter.tracker
-        last_heard = time.monotonic()
-        last_beat = last_heard
-        last_reconcile = float("-inf")
+        watcher = waiter.watcher
+        if timeout_s is not None:
+            watcher.run_timeout_s = timeout_s
+        watcher.heartbeat_s = heartbeat_s
         try:
-            while not tracker.done:
-                queued = waiter.started_at is None
-                deadline = (waiter.submitted_at + self.queue_timeout_s) if queued else (waiter.started_at + timeout_s)
+            while True:
+                self._drain(waiter, on_event)
                 now = time.monotonic()
-                if now >= deadline:
-                    # Messages already received count even when we come late to the deadline.
-                    self._drain(waiter, on_event)
-                    if tracker.done:
-                        break
-                    if queued and waiter.started_at is not None:
-                        continue  # it had started after all: the run deadline applies
-                    self._timed_out(waiter, queued, timeout_s)
-                poll_at = last_heard + (self.idle_timeout_s if waiter.missing_polls == 0
-                                        else min(self.idle_timeout_s, 1.0))
-                wake = min(deadline, poll_at, last_beat + heartbeat_s)
-                try:
-                    item = waiter.inbox.get(timeout=max(0.0, wake - now))
-                except queue.Empty:
-                    now = time.monotonic()
-                    if now >= poll_at:
-                        self._reconcile(waiter)
-                        last_heard = last_reconcile = time.monotonic()
-                    elif now >= last_beat + heartbeat_s:
-                        last_beat = now
-                        if on_event is not None:
-                            _notify(on_event, PromptEvent("waiting"), tracker)
-                    continue
-                if isinstance(item, _Closed):
-                    raise item.error(self.url, prompt_id)
-                if isinstance(item, _Reconcile):
-                    # after a reconnect; a flapping socket must not turn this into a request storm
-                    if time.monotonic() - last_reconcile >= _MIN_RECONCILE_INTERVAL_S:
-                        self._reconcile(waiter)
-                        last_heard = last_reconcile = time.monotonic()
-                    continue
-                received_at, msg = item
-                last_heard = last_beat = time.monotonic()
-                waiter.missing_polls = 0
-                self._feed(waiter, msg, received_at, on_event)
-            if tracker.error is not None:
-                raise tracker.error
-            return PromptOutcome(
-                prompt_id=prompt_id,
-                submitted_at=waiter.submitted_at,
-                started_at=waiter.started_at,
-                finished_at=time.monotonic(),
-                cached=tracker.fully_cached,
-                cached_nodes=list(tracker.cached_nodes),
-                executed_nodes=list(tracker.executed_nodes),
-            )
+                step = watcher.next_step(now, self._link())
+                if step.action == "done":
+                    return watcher.outcome(time.monotonic())
+                if step.action == "fail":
+                    raise step.error
+                if step.action == "wait":
+                    try:
+                        item = waiter.inbox.get(timeout=max(0.0, step.until - now))
+                    except queue.Empty:
+                        continue
+                    self._take(waiter, item, on_event)
+                elif step.action == "poll":
+                    self._poll(waiter, on_event)
+                elif step.action == "heartbeat":
+                    if on_event is not None:
+                        _notify(on_event, PromptEvent("waiting"), watcher.tracker)
+                elif step.action == "timeout":
+                    # ComfyUI may keep an interrupted prompt "running" until its node reaches an
+                    # interruptible point: a retry must not follow it (it would only meet
+                    # execution_interrupted).
+                    self.abandoned_prompts.add(prompt_id)
+                    self.cancel_prompt(prompt_id)
+                    raise step.error
+                elif step.action == "failover":
+                    link = self._link()
+                    with self._lock:
+                        self._moved.add(prompt_id)
+                    self.abandoned_prompts.add(prompt_id)
+                    raise PromptMoved(self.url, prompt_id, now - (link.down_since or now), link.reason)
         finally:
             self._forget(prompt_id)
 
     def _drain(self, waiter: _Waiter, on_event: Optional[EventCallback]) -> None:
-        """Feed every message already in the waiter's inbox, without blocking."""
-        while not waiter.tracker.done:
+        """Take every item already in the waiter's inbox, without blocking."""
+        while not waiter.watcher.tracker.done:
             try:
                 item = waiter.inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, _Closed):
-                raise item.error(self.url, waiter.tracker.prompt_id)
-            if not isinstance(item, _Reconcile):
-                self._feed(waiter, item[1], item[0], on_event)
+            self._take(waiter, item, on_event)
 
-    @staticmethod
-    def _feed(waiter: _Waiter, msg: Mapping[str, Any], received_at: float,
-              on_event: Optional[EventCallback]) -> None:
-        for event in waiter.tracker.feed(msg):
-            if event.kind in ("started", "cached", "executing") and waiter.started_at is None:
-                waiter.started_at = received_at
-            if on_event is not None:
-                _notify(on_event, event, waiter.tracker)
+    def _take(self, waiter: _Waiter, item: Any, on_event: Optional[EventCallback]) -> None:
+        if isinstance(item, _Closed):
+            raise item.error(self.url, waiter.watcher.prompt_id)
+        if isinstance(item, _Reconcile):
+            waiter.watcher.request_poll()
+        elif not isinstance(item, _LinkChanged):
+            received_at, msg = item
+            waiter.frames_when_heard = self.transport.text_frames()
+            for event in waiter.watcher.feed(msg, received_at):
+                if on_event is not None:
+                    _notify(on_event, event, waiter.watcher.tracker)
 
-    def _timed_out(self, waiter: _Waiter, queued: bool, timeout_s: float) -> None:
-        tracker = waiter.tracker
-        if self._dropped_reason is not None:
-            raise ConnectionLost(self.url, f"the WebSocket dropped ({self._dropped_reason}) and "
-                                 "could not be reconnected in time", tracker.prompt_id)
-        if waiter.unreachable is not None:
-            raise ConnectionLost(self.url, f"the server stayed unreachable ({waiter.unreachable})",
-                                 tracker.prompt_id)
-        state = tracker.describe()
-        # ComfyUI may keep an interrupted prompt "running" until its node reaches an interruptible
-        # point: a retry must not follow it (it would only meet execution_interrupted).
-        self.abandoned_prompts.add(tracker.prompt_id)
-        self.cancel_prompt(tracker.prompt_id)
-        if queued:
-            raise GenerationTimeout(tracker.prompt_id, self.queue_timeout_s, state, in_queue=True)
-        raise GenerationTimeout(tracker.prompt_id, timeout_s, state)
-
-    def _reconcile(self, waiter: _Waiter) -> None:
+    def _poll(self, waiter: _Waiter, on_event: Optional[EventCallback]) -> None:
         """Ask the server about one prompt; complete it from history if it finished meanwhile."""
-        tracker = waiter.tracker
-        self.stats.polls += 1
+        watcher = waiter.watcher
+        watcher.polling(time.monotonic())
         try:
-            status, entry = self.prompt_status(tracker.prompt_id)
+            status, entry = self.prompt_status(watcher.prompt_id)
         except (ServerUnreachable, ServerError) as exc:
-            waiter.unreachable = str(exc)
-            self._log.debug("could not reconcile %s: %s", tracker.prompt_id, exc)
+            watcher.poll_failed(str(exc))
+            self._log.debug("could not ask %s about %s: %s", self.url, watcher.prompt_id, exc)
             return
-        waiter.unreachable = None
-        now = time.monotonic()
-        if status in ("succeeded", "failed"):
-            waiter.missing_polls = 0
-            for msg in _history_messages(tracker.prompt_id, entry):
-                self._feed(waiter, msg, now, None)
-        elif status == "running":
-            waiter.missing_polls = 0
-            if waiter.started_at is None:
-                waiter.started_at = now
-        elif status == "pending":
-            waiter.missing_polls = 0
-        else:
-            waiter.missing_polls += 1
-            self._log.warning("prompt %s not found on %s (%d of %d checks)", tracker.prompt_id,
-                           self.url, waiter.missing_polls, self.lost_after_polls)
-            if waiter.missing_polls >= self.lost_after_polls:
-                raise PromptLost(tracker.prompt_id, self.url, waiter.missing_polls)
-
-    def _forget(self, prompt_id: str) -> None:
-        with self._lock:
-            waiter = self._waiters.pop(prompt_id, None)
-        if waiter is not None:
-            self._release_slot()
+        missing_before = watcher.missing_polls
+        events = watcher.polled(status, entry, time.monotonic(), link_up_since=self.transport.up_since)
+        if watcher.missing_polls > missing_before:
+            self._log.warning("prompt %s not found on %s (%d of %d checks)", watcher.prompt_id, self.url,
+                              watcher.missing_polls, watcher.lost_after_polls)
+        # Deaf, not just a race with the completion's messages: ComfyUI broadcasts a queue status
+        # to every socket when a prompt finishes, and ours received no frame at all meanwhile.
+        frames = self.transport.text_frames()
+        deaf = watcher.found_by_idle_poll and frames == waiter.frames_when_heard
+        waiter.frames_when_heard = frames  # a check is news too: the next quiet time starts now
+        if deaf:
+            self.transport.recycle(f"deaf: ComfyUI finished prompt {watcher.prompt_id} but the WebSocket "
+                                   "never said so")
+        for event in events:
+            if on_event is not None:
+                _notify(on_event, event, watcher.tracker)
 
     def cancel_prompt(self, prompt_id: str) -> None:
         """Remove one prompt of ours from the server (see :meth:`cancel_prompts`)."""
@@ -900,6 +656,15 @@ class ComfyUIConnection:
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+    def download(self, ref: OutputRef, dest: Union[Path, Iterable[Path]], *,
+                 reuse_identical: bool = False) -> tuple[Path, int]:
+        """``GET /view`` to ``dest`` or the first free candidate path (see :meth:`ComfyUIHTTP.download`;
+        ``reuse_identical``: a candidate already holding the same bytes is kept, not written again).
+
+        Returns ``(path, bytes_written)``.
+        """
+        return self.http.download(ref, dest, reuse_identical=reuse_identical)
 
     def run_prompt(
         self,

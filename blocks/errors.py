@@ -190,6 +190,17 @@ class GenerationCancelled(ConnectionLost):
         ComfyUIError.__init__(self, f"Generation on ComfyUI at {url}{which} stopped: {reason}.")
 
 
+class PromptMoved(ConnectionLost):
+    """The prompt's server has been unreachable for ``failover_after_s`` seconds while another
+    server of the pool was free: the prompt is given up there (removed when that server answers
+    again) and the pool runs it on another server. Raised by a connection, handled by the pool."""
+
+    def __init__(self, url: str, prompt_id: str, down_for_s: float, reason: str):
+        self.down_for_s = down_for_s
+        super().__init__(url, f"unreachable for {down_for_s:.0f} s ({reason}); the prompt moves to "
+                         "another server of the pool", prompt_id)
+
+
 class ServerError(ComfyUIError):
     """The server answered with an unexpected HTTP status (5xx or other)."""
 

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import errno
+import getpass
 import logging
 import os
 import re
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from .errors import (
     AuthenticationFailed,
@@ -29,6 +33,14 @@ from .errors import (
 from .protocol import OutputRef
 
 module_logger = logging.getLogger("comfy_pipeline.http")
+
+#: urllib3's retries for every request: a refused or failed connect (nothing was sent, so a POST
+#: too), and 502/503/504 answers to a GET (a proxy or a busy server), with backoff 0.2, 0.4, 0.8 s
+#: and Retry-After respected. A read timeout is not retried (the request may be running), nor a
+#: POST that reached the server.
+GET_RETRIES = Retry(total=3, connect=3, read=0, status=3, other=0, backoff_factor=0.2,
+                    status_forcelist=(502, 503, 504), allowed_methods=frozenset({"GET"}),
+                    raise_on_status=False)
 
 
 def short_reason(exc: BaseException) -> str:
@@ -67,6 +79,9 @@ class ComfyUIHTTP:
         self.connect_timeout_s = connect_timeout_s
         self.http_timeout_s = http_timeout_s
         self._session = requests.Session()
+        adapter = HTTPAdapter(max_retries=GET_RETRIES)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         self._session.headers.update(dict(headers or {}))
         self._session.verify = verify_tls
 
@@ -162,31 +177,38 @@ class ComfyUIHTTP:
         self.request("POST", "/interrupt", json={"prompt_id": prompt_id}).close()
 
     def download(self, ref: OutputRef, dest: Union[Path, Iterable[Path]], *, attempts: int = 3,
-                 chunk_bytes: int = 1 << 16) -> tuple[Path, int]:
+                 chunk_bytes: int = 1 << 16, reuse_identical: bool = False) -> tuple[Path, int]:
         """``GET /view`` one output file, streamed to a temporary file, then renamed into place.
 
         ``dest`` is the final path, or candidate paths in order of preference (all in one
         directory): the file takes the first one that does not exist at the moment it is
         complete, so nothing is ever overwritten, even by another run writing to the same
-        directory. A 5xx answer, a body shorter than its ``Content-Length`` or a dropped
+        directory. With ``reuse_identical`` (a retry downloading what an earlier attempt of the
+        same generation may already have saved), a candidate that already holds exactly the
+        downloaded bytes is the answer instead: the file is not written a second time under the
+        next name. A 5xx answer, a body shorter than its ``Content-Length`` or a dropped
         transfer is retried up to ``attempts`` times; a final path only ever holds a complete file.
 
         Returns:
-            ``(path, bytes_written)``.
+            ``(path, size in bytes)``.
 
         Raises:
-            OutputError: HTTP 4xx (the file is not there, or its name is refused), or every
-                candidate name taken.
+            OutputError: HTTP 4xx (the file is not there, or its name is refused), every
+                candidate name taken, or the local directory or file cannot be created or
+                written (permissions, a regular file in the way, disk full): permanent.
             DownloadFailed: 5xx answers or cut transfers on every attempt (transient).
         """
         candidates: Iterator[Path] = iter([Path(dest)] if isinstance(dest, (str, Path)) else dest)
         first = next(candidates)
-        first.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            first.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _cannot_write(exc, first.parent, ref, "create the directory") from exc
         remaining = _Replayable(first, candidates)
         last_problem = ""
         for attempt in range(1, attempts + 1):
             try:
-                return self._download_once(ref, first.parent, remaining, chunk_bytes)
+                return self._download_once(ref, first.parent, remaining, chunk_bytes, reuse_identical)
             except (ServerUnreachable, _Truncated) as exc:
                 last_problem = str(exc)
                 self._log.warning("download of %s failed (attempt %d of %d): %s", ref.filename, attempt,
@@ -198,13 +220,16 @@ class ComfyUIHTTP:
         )
 
     def _download_once(self, ref: OutputRef, directory: Path, candidates: "_Replayable",
-                       chunk_bytes: int) -> tuple[Path, int]:
+                       chunk_bytes: int, reuse_identical: bool) -> tuple[Path, int]:
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         tmp = directory / f".{uuid.uuid4().hex}.part"
         response = self.request("GET", "/view", params=params, stream=True)
         try:
-            if response.status_code >= 500:  # a proxy or a busy server: worth another try
-                raise _Truncated(f"answered HTTP {response.status_code}")
+            if response.status_code >= 500:  # still 5xx after urllib3's own retries (GET_RETRIES)
+                raise DownloadFailed(
+                    f"GET /view of {ref.subfolder}/{ref.filename} from {self.url} answered HTTP "
+                    f"{response.status_code} {1 + GET_RETRIES.status} times. The file is still on the "
+                    "server; the generation is retried.")
             if response.status_code != 200:
                 why = ("the server refused the file name" if response.status_code == 400
                        else "the file is not on the server")
@@ -212,30 +237,16 @@ class ComfyUIHTTP:
                     f"GET /view of {ref.subfolder}/{ref.filename} ({ref.type}) from {self.url} "
                     f"answered HTTP {response.status_code}: {why}."
                 )
-            expected = _content_length(response.headers.get("Content-Length"))
-            written = 0
-            try:
-                with open(tmp, "wb") as fh:
-                    for chunk in response.iter_content(chunk_bytes):
-                        fh.write(chunk)
-                        written += len(chunk)
-            except requests.RequestException as exc:
-                raise _Truncated(f"transfer broke after {written} bytes: {short_reason(exc)}") from exc
-            # Content-Length counts bytes on the wire (compressed, if the body was encoded).
-            on_wire = response.raw.tell() if response.headers.get("Content-Encoding") else written
-            if expected is not None and on_wire != expected:
-                raise _Truncated(f"got {on_wire} of {expected} bytes")
-            return _publish(tmp, candidates), written
+            # urllib3 (2.x) enforces Content-Length: a body cut short raises inside _save_body.
+            written = _save_body(response, tmp, ref, chunk_bytes)
+            path, reused = _publish(tmp, candidates, ref, reuse_identical=reuse_identical)
+            if reused:
+                self._log.info("%s already holds these %d bytes (saved by an earlier attempt): kept it, "
+                               "not written again", path, written)
+            return path, written
         finally:
             response.close()
             tmp.unlink(missing_ok=True)
-
-
-def _content_length(value: Optional[str]) -> Optional[int]:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:  # "abc", "10, 10": not a length we can check against
-        return None
 
 
 class _Replayable:
@@ -252,23 +263,119 @@ class _Replayable:
             yield path
 
 
-def _publish(tmp: Path, candidates: Iterable[Path]) -> Path:
-    """Give the complete ``tmp`` the first candidate name that is free; never replace a file."""
+def _save_body(response: requests.Response, tmp: Path, ref: OutputRef, chunk_bytes: int) -> int:
+    """Stream the body into ``tmp``; returns the bytes written.
+
+    Raises:
+        _Truncated: the transfer broke (retried).
+        OutputError: ``tmp`` cannot be created or written (permanent).
+    """
+    written = 0
+    chunks = response.iter_content(chunk_bytes)
+    try:
+        with open(tmp, "wb") as fh:
+            while True:
+                try:
+                    chunk = next(chunks, None)
+                except OSError as exc:  # requests' errors are OSErrors too: all of the transfer's
+                    raise _Truncated(f"transfer broke after {written} bytes: {short_reason(exc)}") from exc
+                if chunk is None:
+                    return written
+                fh.write(chunk)
+                written += len(chunk)
+    except OSError as exc:  # opening, writing or closing the local file
+        raise _cannot_write(exc, tmp.parent, ref, "write a file in") from exc
+
+
+def _publish(tmp: Path, candidates: Iterable[Path], ref: OutputRef, *,
+             reuse_identical: bool = False) -> tuple[Path, bool]:
+    """Give the complete ``tmp`` the first candidate name that is free; never replace a file.
+
+    With ``reuse_identical``, a candidate that already holds exactly ``tmp``'s bytes is taken as
+    it is. Returns ``(path, reused)``.
+
+    Raises:
+        OutputError: every candidate is taken, or the name cannot be created (permanent).
+    """
     for dest in candidates:
         try:
             os.link(tmp, dest)  # atomic, and fails if dest exists
-            return dest
+            return dest, False
         except FileExistsError:
+            if reuse_identical and _same_bytes(tmp, dest):
+                return dest, True
             continue
         except OSError as exc:  # a file system without hard links: claim the name, then replace
             module_logger.debug("hard link not possible (%s); using exclusive create + replace", exc)
         try:
             os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
+            if reuse_identical and _same_bytes(tmp, dest):
+                return dest, True
             continue
-        os.replace(tmp, dest)
-        return dest
+        except OSError as exc:
+            raise _cannot_write(exc, dest.parent, ref, "create a file in") from exc
+        try:
+            os.replace(tmp, dest)
+        except OSError as exc:
+            dest.unlink(missing_ok=True)  # the empty file that claimed the name
+            raise _cannot_write(exc, dest.parent, ref, "write a file in") from exc
+        return dest, False
     raise OutputError("every candidate file name is taken; not overwriting any file.")
+
+
+def _same_bytes(new: Path, existing: Path, chunk_bytes: int = 1 << 16) -> bool:
+    """Whether ``existing`` is a regular file with exactly the bytes of ``new`` (sizes first)."""
+    try:
+        if not existing.is_file() or existing.stat().st_size != new.stat().st_size:
+            return False
+        with open(new, "rb") as a, open(existing, "rb") as b:
+            while True:
+                block = a.read(chunk_bytes)
+                if block != b.read(chunk_bytes):
+                    return False
+                if not block:
+                    return True
+    except OSError as exc:  # unreadable, or gone meanwhile: not a file we may take as ours
+        module_logger.debug("could not compare %s with the download: %s", existing, exc)
+        return False
+
+
+#: What to do about a local file-system error, by errno.
+_WRITE_ADVICE = {
+    errno.EACCES: "This process (user {user}) may not write there: make the directory writable for "
+                  "it, or choose another output directory",
+    errno.EPERM: "This process (user {user}) may not write there: make the directory writable for "
+                 "it, or choose another output directory",
+    errno.EROFS: "The file system is mounted read-only: choose an output directory on a writable one",
+    errno.ENOTDIR: "A part of that path is a regular file, not a directory: move that file away, or "
+                   "choose another output directory",
+    errno.EEXIST: "A regular file has that directory's name: move it away, or choose another output "
+                  "directory",
+    errno.ENOSPC: "The disk is full: free some space, or choose an output directory on another disk",
+    errno.EDQUOT: "The disk quota is used up: free some space, or choose another output directory",
+}
+
+
+def _cannot_write(exc: OSError, directory: Path, ref: OutputRef, action: str) -> OutputError:
+    """An :class:`OutputError` for a local file-system failure: what failed, where, what to do."""
+    advice = _WRITE_ADVICE.get(exc.errno, "Check that the output directory exists (or can be created) "
+                                          "and is writable, or choose another output directory")
+    where = exc.filename if exc.filename and not str(exc.filename).endswith(".part") else None
+    return OutputError(
+        f"cannot {action} {directory} to save {ref.subfolder}/{ref.filename}: "
+        f"{exc.strerror or exc}{f' ({where})' if where and Path(where) != directory else ''}. "
+        f"{advice.format(user=_user())}. "
+        "The file is still on the server: run the generation again once this is fixed."
+    )
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError) as exc:  # no login name in the environment nor the user database
+        module_logger.debug("no user name for this process: %s", exc)
+        return f"uid {os.getuid()}" if hasattr(os, "getuid") else "?"
 
 
 class _Truncated(Exception):

@@ -1,21 +1,26 @@
 """Several live ComfyUI connections behind one interface: the flow run's GPU pool.
 
-One connection per server, opened once per flow run. Each prompt goes to the live server
-with the most free in-flight slots (ties: the shorter ComfyUI queue from the last ``status``
-broadcast, then the one that has run fewest). A server that cannot be reached at open is
-left out; one whose connection dies mid-run stops getting work, and the generations that
-were on it fail with a transient error and are retried on the others.
+One connection per server, opened once per flow run. Each prompt goes to the connected
+server with the most free in-flight slots (ties: the shorter ComfyUI queue from the last
+``status`` broadcast, then the one that has run fewest). A server that cannot be reached at
+open is left out. One that becomes unreachable mid-run gets no new work while it is away; its
+prompts move to another server after ``failover_after_s`` when one has a free slot (and are
+removed from it when it answers again), and it is used again as soon as it is back.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+import uuid
+import weakref
 from collections import Counter
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .connection import ComfyUIConnection, PromptOutcome, PromptStatus
-from .errors import ComfyUIError, ConnectionLost, GenerationCancelled, ServerError, ServerUnreachable
+from .errors import (ComfyUIError, ConnectionLost, GenerationCancelled, PromptMoved, ServerError,
+                     ServerUnreachable)
 from .protocol import OutputRef
 from .server import ComfyUIServer, ComfyUIServerPool
 
@@ -33,6 +38,10 @@ class ConnectionPool:
         logger: where the pool's warnings go (the flow's Prefect run logger).
     """
 
+    #: Every pool of this process not yet garbage collected, for :meth:`close_all`.
+    _every_pool: "weakref.WeakSet[ConnectionPool]" = weakref.WeakSet()
+    _every_pool_lock = threading.Lock()
+
     def __init__(self, connections: Sequence[ComfyUIConnection], slot_condition: threading.Condition,
                  unreachable: Optional[Mapping[str, str]] = None, *, logger: Optional[Logger] = None):
         self.connections = list(connections)
@@ -41,6 +50,15 @@ class ConnectionPool:
         self._assigned: Counter = Counter()
         self._log = logger or module_logger
         self._closed = threading.Event()
+        self._moving = 0  # prompts moving away from an unreachable server: served before new work
+        for connection in self.connections:
+            connection.can_fail_over = self._can_fail_over
+        #: prompts of ours queued or running (in-flight slots taken) when the pool was first closed
+        self.in_flight_at_close = 0
+        #: why :meth:`close_all` closed the pool (e.g. ``"interrupted (Ctrl-C)"``), else None
+        self.stopped_because: Optional[str] = None
+        with ConnectionPool._every_pool_lock:
+            ConnectionPool._every_pool.add(self)
 
     @classmethod
     def open(cls, server: Union[ComfyUIServer, ComfyUIServerPool, Iterable[ComfyUIServer]], *,
@@ -94,12 +112,42 @@ class ConnectionPool:
         Generations waiting for a slot then raise :class:`GenerationCancelled`.
         """
         with self._cond:
+            if not self._closed.is_set():  # the first close: what it is about to remove
+                self.in_flight_at_close = sum(c.max_in_flight - c.free_slots for c in self.connections
+                                              if c.usable)
             self._closed.set()
             self._cond.notify_all()
         for connection in self.connections:
             connection.close()
         with self._cond:
             self._cond.notify_all()
+
+    @classmethod
+    def close_all(cls, reason: str) -> int:
+        """Close every pool of this process, from any thread (e.g. on SIGINT or SIGTERM).
+
+        Each connection first removes the prompts of ours it has queued or running (deleted if
+        pending, interrupted by ``prompt_id`` if running). A pool that fails to close is logged
+        and the others are still closed. Idempotent: pools already closed stay closed.
+
+        Args:
+            reason: why, as the report words it (``"interrupted (Ctrl-C)"``); kept in
+                ``stopped_because`` of each pool still open.
+
+        Returns:
+            how many prompts of ours were in flight when these pools were first closed (by
+            this call or an earlier close).
+        """
+        with cls._every_pool_lock:
+            pools = list(cls._every_pool)
+        for pool in pools:
+            if not pool._closed.is_set():
+                pool.stopped_because = reason
+            try:
+                pool.close()
+            except Exception:  # one pool's failure must not keep the others' prompts running
+                module_logger.exception("could not close the connections to %s", ", ".join(pool.urls))
+        return sum(pool.in_flight_at_close for pool in pools)
 
     def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` (e.g. before a retry), ending at once if the pool is closed.
@@ -119,24 +167,42 @@ class ConnectionPool:
     def urls(self) -> list[str]:
         return [c.url for c in self.connections]
 
-    def checkout(self) -> ComfyUIConnection:
-        """Wait for a free in-flight slot on any live server whose WebSocket is up; take it on the
-        best one (a server that is reconnecting is waited for, up to its ``reconnect_timeout_s``).
+    def checkout(self, *, exclude: Optional[ComfyUIConnection] = None) -> ComfyUIConnection:
+        """Take a slot for a new prompt (see :meth:`_checkout`); a prompt moving away from
+        ``exclude`` (unreachable) gets the next free slot before any new prompt."""
+        if exclude is None:
+            return self._checkout(None)
+        with self._cond:
+            self._moving += 1
+        try:
+            return self._checkout(exclude)
+        finally:
+            with self._cond:
+                self._moving -= 1
+                self._cond.notify_all()
+
+    def _checkout(self, exclude: Optional[ComfyUIConnection]) -> ComfyUIConnection:
+        """Wait for a free in-flight slot on a server whose WebSocket is up; take it on the best one.
+
+        While no server of the pool is connected (a restart, a proxy), it waits for one to come
+        back, up to the longest ``reconnect_timeout_s`` of the pool. ``exclude``: a server not
+        to use (the one a prompt is moving away from).
 
         Raises:
             GenerationCancelled: the pool was closed (the run ended or was cancelled).
-            ConnectionLost: no server of the pool is usable any more.
+            ConnectionLost: no server of the pool answered for ``reconnect_timeout_s``.
         """
+        gave_up_at: Optional[float] = None
         with self._cond:
             while True:
                 if self._closed.is_set():
                     raise GenerationCancelled(", ".join(self.urls))
-                live = [c for c in self.connections if c.usable]
+                live = [c for c in self.connections if c.usable and c is not exclude]
                 if not live:
                     raise ConnectionLost(", ".join(self.urls), "no server of the pool is usable any more")
-                # A server whose WebSocket is down is reconnecting (a restart, a proxy): wait for it
-                # rather than POST into it, which would spend the generation's retries in a moment.
-                free = [c for c in live if c.free_slots > 0 and c.connected]
+                connected = [c for c in live if c.connected]
+                first_in_line = exclude is not None or not self._moving
+                free = [c for c in connected if c.free_slots > 0] if first_in_line else []
                 if free:
                     best = max(free, key=lambda c: (c.free_slots,
                                                     -(c.stats.last_queue_remaining or 0),
@@ -144,7 +210,29 @@ class ConnectionPool:
                     if best.reserve_slot(block=False):  # under the shared condition: it cannot be full
                         self._assigned[best.url] += 1
                         return best
-                self._cond.wait(0.5)
+                if connected:  # busy, not away: a slot given back wakes us
+                    gave_up_at = None
+                    self._cond.wait()
+                    continue
+                # Every server is away: wait for one to answer again rather than POST into it.
+                now = time.monotonic()
+                if gave_up_at is None:
+                    gave_up_at = now + max(c.reconnect_timeout_s for c in live)
+                if now >= gave_up_at:
+                    reasons = "; ".join(f"{c.url}: {c.transport.down_reason}" for c in live)
+                    raise ConnectionLost(", ".join(c.url for c in live),
+                                         f"no server of the pool answered for "
+                                         f"{max(c.reconnect_timeout_s for c in live):g} s ({reasons})")
+                self._cond.wait(gave_up_at - now)
+
+    def _can_fail_over(self, away: ComfyUIConnection) -> bool:
+        """May a prompt of ``away`` (unreachable) move: is another server connected? (A moving
+        prompt takes the next free slot there before any new generation.)"""
+        return not self._closed.is_set() and any(c is not away and c.connected for c in self.connections)
+
+    def outages(self) -> dict[str, list]:
+        """``{url: [Outage, ...]}``: when each server's WebSocket was down, and why."""
+        return {c.url: list(c.stats.outages) for c in self.connections if c.stats.outages}
 
     def prompt_status(self, prompt_id: str) -> tuple[PromptStatus, Optional[ComfyUIConnection]]:
         """Where a prompt is: its status on the first live server that knows it, or ``unknown``.
@@ -155,7 +243,7 @@ class ConnectionPool:
         if any(prompt_id in c.abandoned_prompts for c in self.connections):
             return "abandoned", None
         for connection in self.connections:
-            if not connection.usable:
+            if not connection.connected:
                 continue
             try:
                 status, _ = connection.prompt_status(prompt_id)
@@ -177,6 +265,10 @@ class ConnectionPool:
     ) -> tuple[PromptOutcome, list[OutputRef], ComfyUIConnection]:
         """Run (or, with ``attach`` and ``on``, follow) a prompt on the best server.
 
+        A prompt whose server stays unreachable for ``failover_after_s`` while another server
+        has a free slot is run again there under a new ``prompt_id`` (uuid5 of the old one); the
+        outcome's ``moved_from`` names the server it left.
+
         Returns:
             ``(outcome, refs, connection)``; download the refs from ``connection``.
 
@@ -188,9 +280,21 @@ class ConnectionPool:
             connection = on
         else:
             connection = self.checkout()
-        outcome, refs = connection.run_prompt(prompt, prompt_id=prompt_id, attach=attach, reserved=True,
-                                              **options)
-        return outcome, refs, connection
+        moved_from: Optional[str] = None
+        while True:
+            try:
+                outcome, refs = connection.run_prompt(prompt, prompt_id=prompt_id, attach=attach, reserved=True,
+                                                      **options)
+            except PromptMoved as moved:
+                target = self.checkout(exclude=connection)
+                new_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{prompt_id}/moved"))
+                self._log.warning("prompt %s moves from %s (%s) to %s as prompt %s", prompt_id, connection.url,
+                                  moved.reason, target.url, new_id)
+                moved_from = moved_from or connection.url
+                connection, prompt_id, attach = target, new_id, False
+                continue
+            outcome.moved_from = moved_from
+            return outcome, refs, connection
 
     def stats(self) -> dict[str, Any]:
         """Per-server connection facts: ``{url: ConnectionStats}``."""

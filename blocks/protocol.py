@@ -18,13 +18,6 @@ from typing import Any, Iterable, Mapping, Optional
 
 from .errors import ComfyUIError, ExecutionInterrupted, NodeExecutionError
 
-# Binary event types seen on /ws (see the transcripts' README).
-BINARY_PREVIEW_IMAGE = 1
-BINARY_UNENCODED_PREVIEW_IMAGE = 2
-BINARY_TEXT = 3
-BINARY_PREVIEW_IMAGE_WITH_METADATA = 4
-
-
 def parse_text_frame(text: str | bytes) -> Optional[dict]:
     """Parse one WebSocket text frame.
 
@@ -86,7 +79,6 @@ class PromptTracker:
         error: a :class:`NodeExecutionError` or :class:`ExecutionInterrupted` when failed.
         cached_nodes: node ids from ``execution_cached``.
         executed_nodes: node ids that ran (``executing``), in order.
-        outputs: ``{node_id: output}`` from ``executed`` messages.
         current_node: the node executing now, or ``None``.
     """
 
@@ -98,7 +90,6 @@ class PromptTracker:
         self.error: Optional[ComfyUIError] = None
         self.cached_nodes: list[str] = []
         self.executed_nodes: list[str] = []
-        self.outputs: dict[str, Any] = {}
         self.current_node: Optional[str] = None
 
     @property
@@ -152,10 +143,7 @@ class PromptTracker:
             return [PromptEvent("progress", node=str(node) if node is not None else None,
                                 value=_number(data.get("value")), max=_number(data.get("max")))]
         if kind == "executed":
-            node = str(data.get("node"))
-            output = data.get("output")
-            self.outputs[node] = output if isinstance(output, dict) else {}
-            return [PromptEvent("executed", node=node)]
+            return [PromptEvent("executed", node=str(data.get("node")))]
         if kind == "execution_success":
             return self._finish()
         if kind == "execution_error":

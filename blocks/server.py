@@ -10,7 +10,8 @@ from prefect.types import SecretDict
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 from .catalog import DOCUMENTATION_URL, LOGO_URL
-from .connection import ComfyUIConnection, ws_url_for
+from .connection import ComfyUIConnection
+from .transport import ws_url_for
 
 
 class ComfyUIServer(Block):
@@ -88,7 +89,20 @@ class ComfyUIServer(Block):
     reconnect_timeout_s: float = Field(
         default=120.0,
         gt=0,
-        description="Seconds to keep reconnecting a dropped WebSocket before giving up.",
+        description="Seconds a generation waits for its server to answer again before it fails "
+                    "(and is retried). The connection itself keeps reconnecting while the run lasts.",
+    )
+    failover_after_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a generation waits for its unreachable server before it moves to "
+                    "another server of the pool that has a free slot.",
+    )
+    keepalive_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds of WebSocket silence before a ping; a socket that answers nothing "
+                    "within as long again (or gets no queue status after our POST) is replaced.",
     )
 
     @field_validator("url")
@@ -169,6 +183,8 @@ class ComfyUIServer(Block):
             queue_timeout_s=self.queue_timeout_s,
             idle_timeout_s=self.idle_timeout_s,
             reconnect_timeout_s=self.reconnect_timeout_s,
+            failover_after_s=self.failover_after_s,
+            keepalive_s=self.keepalive_s,
             max_in_flight=self.max_in_flight,
             slot_condition=slot_condition,
             logger=logger,

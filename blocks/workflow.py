@@ -59,7 +59,6 @@ from .errors import WorkflowError
 
 __all__ = [
     "ComfyUIWorkflow",
-    "load_workflow_file",
     "SeedMode",
     "choose_seed",
     "PIPELINE_KEY",
@@ -733,15 +732,6 @@ def _combo_options(spec: Any) -> Optional[list]:
         options = spec[1].get("options")
         return options if isinstance(options, list) else None
     return None
-
-
-def load_workflow_file(path: Union[str, Path]) -> ComfyUIWorkflow:
-    """Load a workflow file; same as :meth:`ComfyUIWorkflow.from_file`.
-
-    Raises:
-        WorkflowError: see :meth:`ComfyUIWorkflow.from_file`.
-    """
-    return ComfyUIWorkflow.from_file(path)
 
 
 # --------------------------------------------------------------------------------------------

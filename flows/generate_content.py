@@ -30,7 +30,7 @@ from pydantic import Field
 from ..blocks.errors import ComfyUIError, WorkflowError
 from ..blocks.pool import ConnectionPool
 from ..blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding
-from ..tasks.generate import earlier_prompt_ids, flow_attempt, generate, one_line_failures
+from ..tasks.generate import flow_attempt, flow_attempts_prompt_ids, generate, one_line_failures
 from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
 from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, write_report
 from .form import ServerParameter, WorkflowParameter
@@ -94,11 +94,13 @@ class _Generations:
         self.attempt = flow_attempt()
         self.counting = True
 
-    def run(self, task, connection, template, specs, settings, *, count_progress: bool = True) -> None:
+    def run(self, task, connection, template, specs, settings, *, rerun: int = 0) -> None:
         """Map ``task`` over ``specs`` on the shared connection; record each outcome as it finishes
-        (and advance the progress artifact, unless ``count_progress`` is False: a rerun)."""
-        self.counting = count_progress
-        futures = task.map(unmapped(connection), unmapped(template), specs, unmapped(settings))
+        and advance the progress artifact. ``rerun`` (1) runs completed generations again, with
+        prompt ids of their own (see ``generate``); their progress was counted already."""
+        self.counting = not rerun
+        futures = task.map(unmapped(connection), unmapped(template), specs, unmapped(settings),
+                           rerun=unmapped(rerun))
         position_of = {}
         for future, spec in zip(futures, specs):
             self.futures[spec.position] = future
@@ -162,7 +164,8 @@ def _mark_stopped(specs, outcomes: dict, connection: ConnectionPool, retries: in
     for spec in specs:
         if spec.position in outcomes:
             continue
-        attempts = set(earlier_prompt_ids(spec.prompt_id, attempt, retries + 2, retries + 1))
+        # every attempt of this flow run and of the earlier ones: this run may have followed those
+        attempts = set(flow_attempts_prompt_ids(spec.prompt_id, attempt, retries + 1))
         status = "interrupted" if attempts & interrupted else "cancelled"
         outcomes[spec.position] = Stopped(status, f"the run was {reason}")
 
@@ -284,14 +287,16 @@ def generate_content(
     try:
         with one_line_failures():
             generations.run(task, connection, template, specs, settings)
-            # A result that came back from an earlier attempt of this flow run whose files were
-            # deleted since: run that generation again.
+            # A completed generation whose files were deleted since (a result that came back from
+            # an earlier attempt of this flow run, or files removed during this one): run it again,
+            # as a rerun whose prompt ids were never posted (it follows the earlier prompt if the
+            # server still has it).
             stale = [s for s in specs if isinstance(outcomes.get(s.position), GenerationResult)
                      and not all(Path(f.path).is_file() for f in outcomes[s.position].files)]
             if stale:
                 logger.warning("%d completed generation(s) lost files on disk; running them again", len(stale))
                 generations.run(task.with_options(refresh_cache=True), connection, template, stale, settings,
-                                count_progress=False)
+                                rerun=1)
     except BaseException as exc:  # cancelled from the UI or CLI (SIGTERM), Ctrl-C, a crash
         facts.stopped = _stop_reason(exc)
         logger.warning("the run was %s: removing our prompts from the server", facts.stopped)
@@ -299,18 +304,23 @@ def generate_content(
     finally:
         # Also on failure or cancellation: prompts still in flight are removed from the server.
         connection.close()
+        # Closed from outside (ConnectionPool.close_all: the CLI got SIGINT or SIGTERM) while the
+        # interrupt itself never reached this thread: the generations ended Cancelled, the run stopped.
+        facts.stopped = facts.stopped or connection.stopped_because
         if facts.stopped:
             generations.harvest(within_s=3.0)
             _mark_stopped(specs, outcomes, connection, retries, facts.stopped)
         facts.connections_opened = sum(st.connections_opened for st in connection.stats().values())
         facts.reconnects = sum(st.reconnects for st in connection.stats().values())
         facts.servers = connection.urls
+        facts.outages = connection.outages()
         _write_report(logger, specs, outcomes, facts, began, generations.reused)
 
     results = [o for o in (outcomes.get(s.position) for s in specs) if isinstance(o, GenerationResult)]
     failed = len(specs) - len(results)
     if failed:
-        return Failed(message=f"{failed} of {len(specs)} generations failed")
+        stopped = f"the run was {facts.stopped}: " if facts.stopped else ""
+        return Failed(message=f"{stopped}{failed} of {len(specs)} generations failed")
     if generations.reused:
         logger.info("%d generation(s) reused from an earlier attempt of this flow run", len(generations.reused))
     logger.info("all %d generations finished in %.1f s", len(specs), facts.wall_s)

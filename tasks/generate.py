@@ -5,10 +5,13 @@ it completes, list its outputs from ``GET /history/{prompt_id}`` and download ev
 ``GET /view``. Progress goes to the task run's logger.
 
 Retries are safe: every attempt has its own client-chosen ``prompt_id``, derived from the
-planned one and the attempt numbers, and before submitting, an attempt asks the server about
-the ids of all earlier attempts; one that is still queued, running or already succeeded is
-followed (re-attached) instead of posting again. Only transient failures are retried
-(:func:`is_transient`).
+planned one and the attempt's numbers (of the flow run, of the pass: the plan's run or the run
+again of a generation whose files were lost, and of the task run), so no id is ever posted twice
+for a generation. Before submitting, an attempt asks the server about the ids of all earlier
+attempts (as many task attempts per pass as the task's own ``retries`` allow); one that is still
+queued, running or already succeeded is followed (re-attached) instead of posting again, and the
+files an earlier attempt already saved with the same bytes are kept rather than written again.
+Only transient failures are retried (:func:`is_transient`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Union
 
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import DEFAULT
+from prefect.context import TaskRunContext
 from prefect.states import Cancelled, State
 
 from ..blocks.connection import ComfyUIConnection, PromptOutcome
@@ -135,39 +139,74 @@ def task_attempt() -> int:
     return max(1, runtime.task_run.run_count or 1)
 
 
-def attempt_prompt_id(base: str, flow_attempt: int, task_attempt: int) -> str:
-    """The ``prompt_id`` of one attempt: ``base`` itself for the first, a uuid5 of it after."""
-    if (flow_attempt, task_attempt) == (1, 1):
-        return base
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{base}/{flow_attempt}/{task_attempt}"))
+def task_retries() -> int:
+    """The retries of the current task run as Prefect runs it (``generate.with_options(retries=...)``),
+    which is what decides how many attempts it makes, whatever ``settings.retries`` says; 0 outside
+    a task run."""
+    context = TaskRunContext.get()
+    return (context.task.retries or 0) if context is not None else 0
 
 
-def earlier_prompt_ids(base: str, flow_attempt: int, task_attempt: int, attempts_per_run: int) -> list[str]:
-    """Every ``prompt_id`` an earlier attempt of this generation may have submitted, newest first.
+#: How many times one flow attempt may run a generation again (``rerun``) because its files were
+#: lost after it completed: flows/generate_content.py does it once. Bounds the ids to look for.
+MAX_RERUNS = 1
 
-    Flow-run attempts before this one may each have used up to ``attempts_per_run`` task attempts.
+
+def attempt_prompt_id(base: str, flow_attempt: int, task_attempt: int, rerun: int = 0) -> str:
+    """The ``prompt_id`` of one attempt: ``base`` itself for the very first (flow attempt 1, the
+    plan's run, task attempt 1), after that a uuid5 of ``base`` and the three numbers, so that no
+    two attempts of a generation share an id.
+
+    Raises:
+        ValueError: ``rerun`` is not between 0 and :data:`MAX_RERUNS` (its ids would never be
+            looked for by a later attempt).
     """
-    ids = []
-    for r in range(1, flow_attempt + 1):
-        last = attempts_per_run if r < flow_attempt else task_attempt - 1
-        ids += [attempt_prompt_id(base, r, k) for k in range(1, last + 1)]
+    if not 0 <= rerun <= MAX_RERUNS:
+        raise ValueError(f"rerun {rerun} is not between 0 and MAX_RERUNS ({MAX_RERUNS}): raise MAX_RERUNS "
+                         "so that later attempts look for the prompts of every rerun")
+    if (flow_attempt, rerun, task_attempt) == (1, 0, 1):
+        return base
+    step = f"{flow_attempt}/{task_attempt}" if rerun == 0 else f"{flow_attempt}/rerun{rerun}/{task_attempt}"
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{base}/{step}"))
+
+
+def flow_attempts_prompt_ids(base: str, flow_attempts: int, attempts_per_task_run: int) -> list[str]:
+    """Every ``prompt_id`` flow attempts 1 to ``flow_attempts`` may have posted for a generation,
+    oldest first: in each, the plan's run and up to :data:`MAX_RERUNS` reruns, each with up to
+    ``attempts_per_task_run`` task attempts (the task's retries + 1)."""
+    return [attempt_prompt_id(base, r, k, p) for r in range(1, flow_attempts + 1)
+            for p in range(MAX_RERUNS + 1) for k in range(1, attempts_per_task_run + 1)]
+
+
+def earlier_prompt_ids(base: str, flow_attempt: int, task_attempt: int, attempts_per_task_run: int,
+                       rerun: int = 0) -> list[str]:
+    """Every ``prompt_id`` an attempt before this one (``flow_attempt``, ``rerun``,
+    ``task_attempt``) may have posted for this generation, newest first.
+
+    ``attempts_per_task_run``: the task's retries + 1 (:func:`task_retries`); the same in every
+    attempt of a flow run, whose task options come from its parameters.
+    """
+    ids = flow_attempts_prompt_ids(base, flow_attempt - 1, attempts_per_task_run)
+    for p in range(rerun + 1):
+        last = attempts_per_task_run if p < rerun else task_attempt - 1
+        ids += [attempt_prompt_id(base, flow_attempt, k, p) for k in range(1, last + 1)]
     return ids[::-1]
 
 
 def _run_or_reattach(
     connection: ConnectionPool, prompt: dict, spec: GenerationSpec, settings: GenerationSettings,
-    progress: "_ProgressLog",
+    progress: "_ProgressLog", rerun: int,
 ) -> tuple[PromptOutcome, list[OutputRef], ComfyUIConnection]:
     flow_n, task_n = flow_attempt(), task_attempt()
     options = dict(on_event=progress, heartbeat_s=settings.heartbeat_s,
                    output_types=tuple(settings.output_types))
-    for earlier in earlier_prompt_ids(spec.prompt_id, flow_n, task_n, settings.retries + 1):
+    for earlier in earlier_prompt_ids(spec.prompt_id, flow_n, task_n, task_retries() + 1, rerun):
         status, holder = connection.prompt_status(earlier)
         if holder is not None and status in ("pending", "running", "succeeded"):
             progress.logger.info("%s: prompt %s of an earlier attempt is %s on %s; following it "
                                  "instead of submitting again", progress.prefix, earlier, status, holder.url)
             return connection.run_prompt(prompt, prompt_id=earlier, on=holder, attach=True, **options)
-    current = attempt_prompt_id(spec.prompt_id, flow_n, task_n)
+    current = attempt_prompt_id(spec.prompt_id, flow_n, task_n, rerun)
     return connection.run_prompt(prompt, prompt_id=current, **options)
 
 
@@ -230,8 +269,8 @@ def one_line_failures():
     name="generate",
     task_run_name="generate-{settings.kind}-d{spec.index}-v{spec.variant}",
     # The live connection is not an input of the result: leave it out of the cache key,
-    # so Prefect never tries to hash a socket.
-    cache_policy=DEFAULT - "connection",
+    # so Prefect never tries to hash a socket. A rerun replaces the result of the plan's run.
+    cache_policy=DEFAULT - "connection" - "rerun",
     # Results are persisted so that retrying a failed flow run redoes only the failed generations.
     persist_result=True,
     retry_condition_fn=retry_if_transient,
@@ -241,6 +280,7 @@ def generate(
     workflow: ComfyUIWorkflow,
     spec: GenerationSpec,
     settings: GenerationSettings,
+    rerun: int = 0,
 ) -> Union[GenerationResult, State]:
     """Run one generation on the shared connection and save its files.
 
@@ -250,6 +290,9 @@ def generate(
         workflow: the workflow template and its bindings.
         spec: which description and variant, the seed and the client-chosen ``prompt_id``.
         settings: what all generations of the run share (kind, character, output_dir...).
+        rerun: 0 for the plan's run of the generation; 1 (up to :data:`MAX_RERUNS`) when the
+            flow runs it again because its files were lost: its prompt ids then differ from the
+            earlier run's, which it still looks for and follows. Not part of the cache key.
 
     Returns:
         a :class:`GenerationResult` with every file written and the durations in seconds; or a
@@ -263,24 +306,25 @@ def generate(
         NodeExecutionError / ExecutionInterrupted: the prompt failed on the server.
         GenerationTimeout: it took longer than the server's ``generation_timeout_s``.
         ConnectionLost / ServerUnreachable: the server went away.
-        OutputError: a file could not be downloaded or would escape ``output_dir``.
+        OutputError: a file could not be downloaded or would escape ``output_dir``, or the
+            output directory cannot be written (not retried: a retry would fail the same way).
     """
     logger = get_run_logger()
     progress = _ProgressLog(logger, spec, settings)
     try:
         _wait_before_retry(connection, settings, progress)
-        return _generate(connection, workflow, spec, settings, progress)
+        return _generate(connection, workflow, spec, settings, progress, rerun)
     except GenerationCancelled as exc:
         # Not a failure of the generation: the run was cancelled or stopped around it.
         logger.warning("%s: %s", progress.prefix, exc.reason)
         return Cancelled(message=f"{'interrupted' if exc.interrupted else 'cancelled'}: {exc.reason}")
     except ComfyUIError as exc:
-        if not (is_transient(exc) and task_attempt() <= settings.retries):
+        if not (is_transient(exc) and task_attempt() <= task_retries()):
             logger.error("%s (%r) failed, prompt_id %s: %s: %s", progress.prefix, trim(spec.description),
                          getattr(exc, "prompt_id", None) or spec.prompt_id, type(exc).__name__, exc)
         logger.debug("%s: traceback of %s", progress.prefix, type(exc).__name__, exc_info=True)
         raise
-    except Exception as exc:  # not one of ours: a bug or an OS error (disk full, ...): keep its traceback
+    except Exception as exc:  # not one of ours (saving files raises OutputError): a bug: keep its traceback
         logger.error("%s (%r) failed: %s: %s", progress.prefix, trim(spec.description), type(exc).__name__, exc,
                      exc_info=True)
         raise
@@ -298,16 +342,20 @@ def _wait_before_retry(connection: ConnectionPool, settings: GenerationSettings,
     attempt = task_attempt()
     delay = retry_delay_s(settings, attempt)
     if delay > 0:
-        progress.logger.info("%s: retry %d of %d in %.1f s", progress.prefix, attempt - 1, settings.retries, delay)
+        progress.logger.info("%s: retry %d of %d in %.1f s", progress.prefix, attempt - 1, task_retries(), delay)
         connection.sleep(delay)
 
 
 def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: GenerationSpec,
-              settings: GenerationSettings, progress: _ProgressLog) -> GenerationResult:
+              settings: GenerationSettings, progress: _ProgressLog, rerun: int = 0) -> GenerationResult:
     logger = progress.logger
     began = time.monotonic()
     prompt = workflow.render(workflow_params(spec, settings))
-    outcome, refs, server = _run_or_reattach(connection, prompt, spec, settings, progress)
+    outcome, refs, server = _run_or_reattach(connection, prompt, spec, settings, progress, rerun)
+    # A later attempt may find files an earlier one saved (then failed, or its result was lost):
+    # one with the same bytes at a planned name is kept, not written again under the next name.
+    # The first attempt never reuses: a file there is another run's, and each run keeps its own.
+    later_attempt = (flow_attempt(), rerun, task_attempt()) != (1, 0, 1)
 
     if not refs:
         raise OutputError(
@@ -323,9 +371,10 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
         directory = output_subdir(output_dir, ref.subfolder)
         name = planned_name(settings.character, spec.index, spec.variant, ref,
                             number if len(refs) > 1 else None)
-        path, size = server.download(ref, candidate_paths(directory, name))
+        path, size = server.download(ref, candidate_paths(directory, name), reuse_identical=later_attempt)
         if path.name != name:
-            logger.warning("%s: %s already exists; writing %s instead", progress.prefix, directory / name, path.name)
+            logger.warning("%s: %s already exists (another file); saved as %s", progress.prefix,
+                           directory / name, path.name)
         files.append(OutputFile(path=str(path), bytes=size, node_id=ref.node_id, key=ref.key,
                                 server_filename=ref.filename, subfolder=ref.subfolder,
                                 animated=ref.animated))
@@ -352,5 +401,6 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
         execution_s=round(outcome.execution_s, 3),
         download_s=round(download_s, 3),
         total_s=round(total_s, 3),
+        moved_from=outcome.moved_from,
         flow_attempt=flow_attempt(),
     )

@@ -81,6 +81,10 @@ class GenerationResult(BaseModel):
     execution_s: float
     download_s: float
     total_s: float
+    moved_from: Optional[str] = Field(
+        default=None,
+        description="URL of the server this generation left because it became unreachable (its "
+                    "prompt was run again on `server`).")
     flow_attempt: int = Field(
         default=1, ge=1,
         description="The attempt of the flow run that ran it (a later attempt reuses this result).")

@@ -2,7 +2,8 @@
 
 A file is saved as ``output_dir/<server subfolder>/{character}_d{index}_{variant}{ext}``
 (plus ``_{n}`` when one generation yields several files). An existing file is never
-overwritten: the next free name ``..._{variant}-2{ext}`` is used and logged.
+overwritten: the next free name ``..._{variant}-2{ext}`` is used and logged. A later attempt of
+the same generation keeps a file with exactly the downloaded bytes where it is (tasks/generate.py).
 """
 
 from __future__ import annotations

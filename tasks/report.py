@@ -125,6 +125,10 @@ class RunFacts:
     stopped: Optional[str] = None
     #: which attempt of the flow run this is (2 and more after a retry)
     attempt: int = 1
+    #: ``{url: [Outage, ...]}``: when each server's WebSocket was down during the run, and why
+    outages: dict = field(default_factory=dict)
+    #: ``(index, variant, from_url, to_url)`` of each generation that moved to another server
+    moved: list[tuple[int, int, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -188,6 +192,7 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0) 
             mine = [r for r in this_attempt if r["server"] == url]
             busy = sum(r["execution_s"] or 0.0 for r in mine)
             lines.append(f"| {url} | {len(mine)} | {busy:.1f} |")
+    lines += lost_servers(facts.outages, facts.moved)
     if facts.fatal_error:
         lines += ["", "## The run could not proceed", "", facts.fatal_error]
     failures = [r for r in rows if r["status"] == "failed"]
@@ -203,6 +208,27 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0) 
     return "\n".join(lines) + "\n"
 
 
+def lost_servers(outages: dict, moved: list[tuple[int, int, str, str]]) -> list[str]:
+    """The summary's "Servers lost during the run" section: each outage of each server (when,
+    why, for how long) and the generations that moved from it to another server."""
+    if not outages:
+        return []
+    lines = ["", "## Servers lost during the run", ""]
+    for url, spans in outages.items():
+        for span in spans:
+            when = f"down at {span.started:%H:%M:%S} UTC ({span.reason})"
+            if span.ended is None:
+                when += ", not back by the end of the run"
+            else:
+                when += f", back at {span.ended:%H:%M:%S} UTC after {(span.ended - span.started).total_seconds():.1f} s"
+            lines.append(f"- {url} {when}")
+        away = [m for m in moved if m[2] == url]
+        if away:
+            lines.append(f"  - {len(away)} generation(s) moved from it: " + ", ".join(
+                f"description {index} variant {variant} to {to}" for index, variant, _, to in away))
+    return lines
+
+
 def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], facts: RunFacts,
                  reused: frozenset[int] = frozenset()) -> list[dict]:
     """Create the table and summary artifacts for a flow run; return the table rows.
@@ -211,6 +237,8 @@ def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], fact
     Must be called inside a flow run (the artifacts attach to it).
     """
     rows = table_rows(specs, outcomes, reused)
+    facts.moved = [(o.index, o.variant, o.moved_from, o.server) for o in outcomes.values()
+                   if isinstance(o, GenerationResult) and o.moved_from]
     create_table_artifact(
         table=rows,
         key=artifact_key(facts.character, facts.kind, "generations"),

@@ -91,8 +91,11 @@ Faults (methods, thread-safe, callable at any time; :meth:`StandInComfyUI.clear_
 
 Records: ``executions_per_prompt_id`` (Counter: prompt id -> times the worker started it),
 ``interrupts`` (the ``prompt_id`` or None of every ``POST /interrupt`` received) and ``deletes`` (every id
-received in ``POST /queue {"delete": [...]}``, whether or not it was pending), reset by
-``reset_counters()``.
+received in ``POST /queue {"delete": [...]}``, whether or not it was pending), and ``executions``
+(one dict per time the worker started a prompt: ``prompt_id``, ``strings`` (the prompt's STRING input
+values), ``started`` and ``ended`` (``time.monotonic()``; ``ended`` None while it runs) and ``outcome``:
+None while it runs, ``success``, ``error``, ``interrupted``, or ``lost`` when a :meth:`restart` stopped
+it), reset by ``reset_counters()``.
 """
 
 from __future__ import annotations
@@ -738,7 +741,7 @@ class StandInComfyUI:
     ``ws_open_now``, ``max_ws_open``, ``requests`` (Counter of ``(METHOD, route)``),
     ``posts_per_prompt_id`` (POST /prompt bodies carrying each client-chosen ``prompt_id``),
     ``max_in_flight``, ``executed_prompt_ids``, ``executions_per_prompt_id``, ``interrupts``,
-    ``deletes``, ``headers_seen`` and ``files`` (``(type, subfolder, filename) -> bytes``).
+    ``deletes``, ``executions``, ``headers_seen`` and ``files`` (``(type, subfolder, filename) -> bytes``).
 
     Faults (see the module docstring): :meth:`close_ws_after`, :meth:`restart`,
     :meth:`fail_prompt_posts`, :meth:`drop_prompt_posts`, :meth:`truncate_views`, :meth:`delay_views`,
@@ -805,6 +808,8 @@ class StandInComfyUI:
         self.executions_per_prompt_id: collections.Counter = collections.Counter()
         self.interrupts: list[str | None] = []
         self.deletes: list[str] = []
+        self.executions: list[dict] = []  # one record per execution, see the module docstring
+        self._open_executions: dict[int, dict] = {}  # id(item) -> its record while it runs
         self.headers_seen: list[dict] = []
 
         # Faults (guarded by self._lock; see clear_faults()).
@@ -989,6 +994,7 @@ class StandInComfyUI:
             self.executions_per_prompt_id.clear()
             self.interrupts.clear()
             self.deletes.clear()
+            self.executions.clear()
             self.ws_opened = 0
             self.ws_closed = 0
             self.max_ws_open = self.ws_open_now
@@ -1272,6 +1278,10 @@ class StandInComfyUI:
             timer.cancel()
         self._timers.clear()
         with self._lock:
+            for item in self._running:  # stopped without another message: lost
+                record = self._open_executions.pop(id(item), None)
+                if record is not None:
+                    record["ended"], record["outcome"] = time.monotonic(), "lost"
             self._pending.clear()
             self._running.clear()
             self._history.clear()
@@ -1919,6 +1929,10 @@ class StandInComfyUI:
                     self._running.append(item)
                     self.executed_prompt_ids.append(item.prompt_id)
                     self.executions_per_prompt_id[item.prompt_id] += 1
+                    record = {"prompt_id": item.prompt_id, "strings": self._strings(item.prompt),
+                              "started": time.monotonic(), "ended": None, "outcome": None}
+                    self.executions.append(record)
+                    self._open_executions[id(item)] = record
                     self.max_in_flight = max(self.max_in_flight, len(self._pending) + len(self._running))
             if item is None:
                 self._wake.clear()
@@ -2246,6 +2260,11 @@ class StandInComfyUI:
         with self._lock:
             if item in self._running:
                 self._running.remove(item)
+            record = self._open_executions.pop(id(item), None)
+            if record is not None:
+                record["ended"] = time.monotonic()
+                record["outcome"] = {"execution_success": "success",
+                                     "execution_interrupted": "interrupted"}.get(kind, "error")
             if delay <= 0:
                 self._history[item.prompt_id] = entry
         self._cache = new_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,56 @@ def test_two_writers_racing_for_one_name_both_keep_their_file(comfy, tmp_path):
             paths = list(pool.map(lambda ref: conn.download(ref, candidate_paths(tmp_path, "same.png"))[0], refs))
     assert sorted(p.name for p in paths) == ["same-2.png", "same.png"]
     assert {p.read_bytes() for p in paths} == {comfy.files[("output", "race", r.filename)] for r in refs}
+
+
+def test_a_retry_reuses_its_identical_file_and_never_touches_a_different_one(comfy, tmp_path):
+    """``reuse_identical``: a file already at a candidate name with the same bytes (an earlier
+    attempt's download of the same output) is the result; a different file is skipped as ever."""
+    from comfy_pipeline.tasks.outputs import candidate_paths
+
+    with ComfyUIServer(url=comfy.url).connect() as conn:
+        _, refs = conn.run_prompt(image_prompt("re/img"))
+        (tmp_path / "out.png").write_bytes(b"another picture")
+        first, _ = conn.http.download(refs[0], candidate_paths(tmp_path, "out.png"))
+        again, size = conn.http.download(refs[0], candidate_paths(tmp_path, "out.png"), reuse_identical=True)
+    assert first.name == again.name == "out-2.png" and size == again.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-2.png", "out.png"]  # nothing written twice
+    assert (tmp_path / "out.png").read_bytes() == b"another picture"
+
+
+def _unwritable(kind: str, tmp_path):
+    """A real destination this process cannot write to: ``(dest, the path the error must name)``."""
+    if kind == "read-only directory":
+        if os.geteuid() == 0:
+            pytest.skip("running as root: directory permissions do not bind (the other case still runs)")
+        directory = tmp_path / "ro"
+        directory.mkdir()
+        directory.chmod(0o500)
+        return directory / "out.png", directory
+    blocker = tmp_path / "a-file"  # works for root too: no directory can be made below a regular file
+    blocker.write_text("not a directory")
+    return blocker / "sub" / "out.png", blocker / "sub"
+
+
+@pytest.mark.parametrize("kind", ["read-only directory", "parent is a regular file"])
+def test_an_unwritable_destination_is_one_clear_output_error_not_retried(kind, comfy, tmp_path):
+    from comfy_pipeline.blocks.errors import DownloadFailed, OutputError
+
+    dest, named = _unwritable(kind, tmp_path)
+    try:
+        with ComfyUIServer(url=comfy.url).connect() as conn:
+            _, refs = conn.run_prompt(image_prompt("ro/img"))
+            with pytest.raises(OutputError) as info:
+                conn.download(refs[0], dest)
+    finally:
+        if kind == "read-only directory":
+            named.chmod(0o700)
+    assert not isinstance(info.value, DownloadFailed)  # permanent: a retry would fail the same way
+    assert not isinstance(info.value.__cause__, OutputError) and isinstance(info.value.__cause__, OSError)
+    message = str(info.value)
+    assert str(named) in message and "output" in message.lower()
+    assert comfy.requests[("GET", "/view")] <= 1  # not retried
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".part")]
 
 
 def test_validation_error_lists_every_node_error(comfy):
@@ -257,7 +308,7 @@ def test_history_trailing_the_websocket_is_waited_for(comfy):
 
 def test_close_is_idempotent_and_ends_the_reader(comfy):
     conn = ComfyUIServer(url=comfy.url).connect()
-    reader = conn._reader
+    [reader] = [t for t in threading.enumerate() if t.name == f"comfyui-reader-{conn.client_id[:8]}"]
     conn.close()
     conn.close()
     assert not reader.is_alive()
@@ -310,7 +361,7 @@ def test_garbage_and_huge_frames_are_skipped_and_every_prompt_completes(comfy):
         comfy.send_huge_binary(8 * 1024 * 1024)
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda i: conn.run_prompt(image_prompt(f"g/p{i}")), range(4)))
-        assert conn.stats.malformed_frames >= 2 and conn.is_open
+        assert conn.stats.malformed_frames >= 2 and conn.connected and conn.stats.disconnects == 0
     assert all(refs for _, refs in results)
 
 
@@ -338,7 +389,7 @@ def test_close_while_reconnecting_leaves_no_socket_open(comfy):
     while comfy.ws_open_now and time.monotonic() < deadline:
         time.sleep(0.05)
     assert comfy.ws_open_now == 0
-    assert not conn.is_open
+    assert not conn.usable and not conn.transport.alive
 
 
 def test_prompts_in_flight_never_exceed_max_in_flight(comfy):

@@ -264,3 +264,28 @@ def test_a_workflow_that_ignores_the_descriptions_is_refused_before_anything_is_
     state = run(comfy.url, tmp_path, ["a fox"], workflow=str(bare))
     assert state.is_failed() and "no binding for 'prompt'" in state.message
     assert comfy.ws_opened == 0 and comfy.requests[("POST", "/prompt")] == 0
+
+
+@pytest.mark.parametrize("kind", ["read-only directory", "parent is a regular file"])
+def test_an_output_dir_that_cannot_be_written_fails_in_one_line_without_retries(kind, comfy, tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    if kind == "read-only directory":
+        if os.geteuid() == 0:
+            pytest.skip("running as root: directory permissions do not bind (the other case still runs)")
+        out.mkdir()
+        out.chmod(0o500)
+    else:  # works for root too: no directory can be made below a regular file
+        out.write_text("a file where the output directory should be")
+    try:
+        state = run(comfy.url, tmp_path, ["x"], retries=2, retry_delay_s=0)
+    finally:
+        if out.is_dir():
+            out.chmod(0o700)
+    assert state.is_failed() and state.message == "1 of 1 generations failed"
+    (row,) = table_of(state)
+    assert row["error"].startswith("OutputError:") and str(out / "smoke") in row["error"], row["error"]
+    assert comfy.requests[("POST", "/prompt")] == 1  # permanent: not retried
+    logs = logs_of(state)
+    assert "Traceback" not in logs and "PermissionError" not in logs and "NotADirectoryError" not in logs

@@ -143,13 +143,13 @@ FAULTS = {
     "truncated /view": (
         lambda c: c.truncate_views(3),
         lambda c, summary: c.requests[("GET", "/view")] == 8 + 3),
-    "/view answers 503 twice": (
+    "/view answers 503 twice": (  # retried by urllib3, with backoff
         lambda c: c.fail_views(2, status=503),
         lambda c, summary: c.requests[("GET", "/view")] == 8 + 2),
     "/view fails every attempt once: the generation is retried, not re-run": (
-        lambda c: c.fail_views(3, status=502),
+        lambda c: c.fail_views(4, status=502),  # the GET and urllib3's 3 retries
         # the task's retry follows its finished prompt (no second POST) and fetches the file
-        lambda c, summary: c.requests[("GET", "/view")] == 8 + 3 and _posts(c) == 8),
+        lambda c, summary: c.requests[("GET", "/view")] == 8 + 4 and _posts(c) == 8),
     "slow /view": (
         lambda c: c.delay_views(0.2),
         lambda c, summary: c.requests[("GET", "/view")] == 8),
@@ -240,6 +240,23 @@ def test_a_restart_longer_than_the_retry_delays_fails_no_generation(comfy, tmp_p
     rows = table_of(state)
     assert [r for r in rows if r["status"] not in ("completed", "cached")] == []
     assert "| reconnects | 0 |" not in summary_of(state)
+
+
+def test_a_server_down_three_times_longer_than_reconnect_timeout_is_used_again_when_back(comfy, tmp_path):
+    """Issue 8 item 4: a restart longer than reconnect_timeout_s no longer marks the connection dead
+    for good; it keeps reconnecting with backoff, and the generations (retried) run once it is back."""
+    comfy.execution_time_s = 0.2
+    restarter = _after_posts(comfy, 2, comfy.restart, 6.0)  # 3 x reconnect_timeout_s
+    state = run(comfy, tmp_path, ["a", "b"], retries=3, variants=2, server={"reconnect_timeout_s": 2})
+    restarter.join(5)
+    rows = table_of(state)
+    assert state.is_completed(), state.message
+    assert [r for r in rows if r["status"] != "completed"] == []
+    assert set(comfy.posts_per_prompt_id.values()) == {1}
+    summary = summary_of(state)
+    assert "## Servers lost during the run" in summary and f"- {comfy.url} down at " in summary
+    assert re.search(r"back at \d\d:\d\d:\d\d UTC after [6-9]\.\d s", summary), summary
+    assert comfy.ws_open_now == 0
 
 
 def test_long_silent_node_is_waited_for_by_asking_the_server(comfy, tmp_path):
@@ -407,6 +424,9 @@ def test_interrupting_the_process_removes_our_prompts_from_the_server(signal_nam
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == (130 if signal_name == "SIGINT" else proc.returncode) and proc.returncode != 0
+    deadline = time.monotonic() + 5  # as in ComfyUI, an interrupt stops the running prompt a moment later
+    while comfy.queue_snapshot()["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}, output[-2000:]
     assert None not in comfy.interrupts  # never a global /interrupt
     assert set(comfy.interrupts) | set(comfy.deletes) == ours, output[-3000:]  # running one interrupted, other deleted

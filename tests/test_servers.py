@@ -31,8 +31,8 @@ def two():
             server.stop()
 
 
-def run(urls, tmp_path, **kw):
-    pool = ComfyUIServerPool.of([ComfyUIServer(url=u, **SETTINGS) for u in urls])
+def run(urls, tmp_path, server_settings=None, **kw):
+    pool = ComfyUIServerPool.of([ComfyUIServer(url=u, **{**SETTINGS, **(server_settings or {})}) for u in urls])
     return generate_content(server=pool, workflow=str(EXAMPLES / "smoke_image.json"),
                             descriptions=DESCRIPTIONS, variants=2, character="pool",
                             output_dir=str(tmp_path / "out"), retry_delay_s=0.05, return_state=True, **kw)
@@ -91,3 +91,41 @@ def test_a_server_down_at_start_is_left_out_and_named_in_the_report(two, tmp_pat
     assert {r.server for r in state.result()} == {a.url}
     summary = artifacts(state)["markdown"].data
     assert f"Server {down} was left out" in summary
+
+
+def test_a_server_killed_for_good_hands_its_prompts_over_without_waiting_for_it(two, tmp_path):
+    """Issue 8 item 4: the generations on a dead server moved after failover_after_s, not after
+    reconnect_timeout_s (30 s here); every generation ran once; the summary names the lost server."""
+    import time
+
+    a, b = two
+    for server in two:
+        server.execution_time_s = 0.5
+    killed = threading.Event()
+
+    def kill_a_when_busy():
+        while not a.executions_per_prompt_id:
+            time.sleep(0.02)
+        time.sleep(0.2)  # a is running one prompt and holds the next in its queue
+        a.stop()
+        killed.set()
+
+    threading.Thread(target=kill_a_when_busy, daemon=True).start()
+    started = time.monotonic()
+    state = run([a.url, b.url], tmp_path, retries=0,
+                server_settings=dict(failover_after_s=1.0, reconnect_timeout_s=30))
+    wall = time.monotonic() - started
+    assert killed.is_set()
+    assert state.is_completed(), state.message
+    results = state.result()
+    assert len(results) == 12 and len({(r.index, r.variant) for r in results}) == 12
+    moved = [r for r in results if r.moved_from]
+    assert moved and all(r.moved_from == a.url and r.server == b.url for r in moved)
+    # nothing ran twice on the healthy server, and no prompt_id was posted twice anywhere
+    assert set(b.executions_per_prompt_id.values()) == {1}
+    assert set((a.posts_per_prompt_id + b.posts_per_prompt_id).values()) == {1}
+    assert wall < 20, wall  # the 30 s reconnect_timeout_s was never waited for
+    summary = artifacts(state)["markdown"].data
+    assert "## Servers lost during the run" in summary
+    assert f"- {a.url} down at " in summary and "not back by the end of the run" in summary
+    assert f"{len(moved)} generation(s) moved from it" in summary

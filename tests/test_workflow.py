@@ -15,7 +15,6 @@ from comfy_pipeline.blocks.workflow import (
     ComfyUIWorkflow,
     SeedMode,
     choose_seed,
-    load_workflow_file,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +97,7 @@ def with_bindings(prompt: dict, bindings: dict) -> dict:
 
 def test_api_format_file(tmp_path):
     path = write(tmp_path / "wf.json", api_prompt())
-    wf = load_workflow_file(path)
+    wf = ComfyUIWorkflow.from_file(path)
     assert isinstance(wf, ComfyUIWorkflow)
     assert wf.prompt == api_prompt()
     assert wf.bindings == {}
@@ -167,7 +166,7 @@ def test_ui_format_rejected_with_export_api_message(tmp_path):
     }
     path = write(tmp_path / "ui_workflow.json", ui)
     with pytest.raises(WorkflowError) as info:
-        load_workflow_file(path)
+        ComfyUIWorkflow.from_file(path)
     msg = str(info.value)
     assert str(path) in msg
     assert "Export (API)" in msg
@@ -191,13 +190,13 @@ def test_malformed_files_rejected_naming_file(tmp_path, content, match):
     path = tmp_path / "bad.json"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(WorkflowError, match=match) as info:
-        load_workflow_file(path)
+        ComfyUIWorkflow.from_file(path)
     assert str(path) in str(info.value)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(WorkflowError, match="does not exist"):
-        load_workflow_file(tmp_path / "nope.json")
+        ComfyUIWorkflow.from_file(tmp_path / "nope.json")
 
 
 def test_a_missing_relative_path_names_the_working_directory_and_the_block_to_use(tmp_path, monkeypatch):
@@ -223,7 +222,7 @@ def test_node_without_inputs_gets_empty_inputs():
 def test_sidecar_bindings(tmp_path):
     path = write(tmp_path / "foo.json", api_prompt())
     write(tmp_path / "foo.bindings.json", {"bindings": {"prompt": "6.inputs.text"}})
-    wf = load_workflow_file(path)
+    wf = ComfyUIWorkflow.from_file(path)
     assert wf.bindings == {"prompt": "6.inputs.text"}
     assert wf.render({"prompt": "hello"})["6"]["inputs"]["text"] == "hello"
 
@@ -232,7 +231,7 @@ def test_sidecar_and_in_file_bindings_rejected(tmp_path):
     path = write(tmp_path / "foo.json", with_bindings(api_prompt(), {"seed": "3.inputs.seed"}))
     sidecar = write(tmp_path / "foo.bindings.json", {"bindings": {"prompt": "6.inputs.text"}})
     with pytest.raises(WorkflowError, match="one place") as info:
-        load_workflow_file(path)
+        ComfyUIWorkflow.from_file(path)
     assert str(sidecar) in str(info.value)
     assert str(path) in str(info.value)
 
@@ -241,7 +240,7 @@ def test_sidecar_bad_shape(tmp_path):
     path = write(tmp_path / "foo.json", api_prompt())
     sidecar = write(tmp_path / "foo.bindings.json", {"prompt": "6.inputs.text"})
     with pytest.raises(WorkflowError, match="unknown keys") as info:
-        load_workflow_file(path)
+        ComfyUIWorkflow.from_file(path)
     assert str(sidecar) in str(info.value)
 
 
@@ -249,14 +248,14 @@ def test_sidecar_invalid_json(tmp_path):
     path = write(tmp_path / "foo.json", api_prompt())
     (tmp_path / "foo.bindings.json").write_text("{", encoding="utf-8")
     with pytest.raises(WorkflowError, match="not valid JSON"):
-        load_workflow_file(path)
+        ComfyUIWorkflow.from_file(path)
 
 
 def test_sidecar_binding_errors_are_checked(tmp_path):
     path = write(tmp_path / "foo.json", api_prompt())
     write(tmp_path / "foo.bindings.json", {"bindings": {"prompt": "66.inputs.text"}})
     with pytest.raises(WorkflowError, match="66"):
-        load_workflow_file(path)
+        ComfyUIWorkflow.from_file(path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -312,7 +311,7 @@ def test_ambiguous_title():
 def test_missing_node_at_load(tmp_path):
     path = write(tmp_path / "wf.json", with_bindings(api_prompt(), {"seed": "Sampler.inputs.seed"}))
     with pytest.raises(WorkflowError) as info:
-        load_workflow_file(path)
+        ComfyUIWorkflow.from_file(path)
     msg = str(info.value)
     assert str(path) in msg
     assert "'seed'" in msg and "Sampler.inputs.seed" in msg
@@ -607,7 +606,7 @@ def test_examples_load_and_render(name):
     from comfy_pipeline.tasks.generate import workflow_params
     from comfy_pipeline.tasks.models import GenerationSettings, GenerationSpec
 
-    wf = load_workflow_file(EXAMPLES / name)
+    wf = ComfyUIWorkflow.from_file(EXAMPLES / name)
     assert wf.binds("slug")
     spec = GenerationSpec(index=3, variant=1, description="a {braced} café... description/x", seed=7,
                           prompt_id="p", position=1, total=1)
@@ -624,10 +623,10 @@ def test_examples_load_and_render(name):
 
 
 def test_example_smoke_shapes():
-    image = load_workflow_file(EXAMPLES / "smoke_image.json")
+    image = ComfyUIWorkflow.from_file(EXAMPLES / "smoke_image.json")
     assert image.class_types() == {"EmptyImage", "SaveImage"}
     assert image.render(PARAMS)["2"]["inputs"]["filename_prefix"].startswith("smoke/")
-    video = load_workflow_file(EXAMPLES / "smoke_video.json")
+    video = ComfyUIWorkflow.from_file(EXAMPLES / "smoke_video.json")
     assert video.class_types() == {"EmptyImage", "SaveAnimatedWEBP"}
     out = video.render(PARAMS)
     assert out["1"]["inputs"]["batch_size"] == 8
@@ -635,7 +634,7 @@ def test_example_smoke_shapes():
 
 
 def test_example_sd15_bindings():
-    wf = load_workflow_file(EXAMPLES / "sd15_txt2img.json")
+    wf = ComfyUIWorkflow.from_file(EXAMPLES / "sd15_txt2img.json")
     out = wf.render(PARAMS)
     assert out["6"]["inputs"]["text"] == PARAMS["prompt"]
     assert out["7"]["inputs"]["text"] == PARAMS["negative_prompt"]
@@ -660,7 +659,7 @@ def test_example_sd15_bindings():
 def test_examples_have_required_inputs(name):
     """Every required input of every node is present, per the recorded /object_info."""
     info = json.loads(OBJECT_INFO.read_text(encoding="utf-8"))["nodes"]
-    wf = load_workflow_file(EXAMPLES / name)
+    wf = ComfyUIWorkflow.from_file(EXAMPLES / name)
     for node_id, node in wf.prompt.items():
         spec = info[node["class_type"]]["input"]
         required = set(spec.get("required", {}))
