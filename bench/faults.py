@@ -8,7 +8,7 @@ Run from the repository root:
 a) **A silent WebSocket.** One stand-in behind tests/faultproxy.py, a real TCP proxy. After one
    prompt, the proxy stops forwarding the WebSocket's connection without closing it (a load
    balancer that forgot the flow; HTTP keeps working). Then prompts are run one after another
-   on the same connection, default ``ComfyUIServer`` settings (``keepalive_s`` 2,
+   on the same connection, default ``ComfyUIServer`` settings (``keepalive_s`` 1.5,
    ``idle_timeout_s`` 30). Printed: each prompt's time from submit to its outputs listed.
    Before keepalive each of them took ``idle_timeout_s`` (30 s); the target is under 3 s.
 

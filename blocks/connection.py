@@ -138,7 +138,7 @@ class ComfyUIConnection:
         idle_timeout_s: float = 30.0,
         reconnect_timeout_s: float = 120.0,
         failover_after_s: float = 10.0,
-        keepalive_s: float = 2.0,
+        keepalive_s: float = 1.5,
         lost_after_polls: int = 3,
         http_timeout_s: float = 60.0,
         max_in_flight: int = 2,

@@ -99,7 +99,7 @@ class ComfyUIServer(Block):
                     "another server of the pool that has a free slot.",
     )
     keepalive_s: float = Field(
-        default=2.0,
+        default=1.5,
         gt=0,
         description="Seconds of WebSocket silence before a ping; a socket that answers nothing "
                     "within as long again (or gets no queue status after our POST) is replaced.",

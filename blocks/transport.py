@@ -41,6 +41,7 @@ Logger = Union[logging.Logger, logging.LoggerAdapter]
 _STABLE_AFTER_S = 10.0  # a socket up this long counts as healthy: its backoff starts over
 _MAX_BACKOFF_S = 1.0  # a refused connect is cheap: a server that is back is found within about a second
 _TICK_S = 0.25  # how often the reader looks at its keepalive clocks while the socket is quiet
+_CLOSE_WAIT_S = 0.5  # the most a closing handshake may take before the socket is just shut down
 
 
 def ws_url_for(http_url: str, client_id: str) -> str:
@@ -230,7 +231,9 @@ class WebSocketTransport:
                     break
                 self._went_down(reason)
                 if answering:
-                    _close_cleanly(ws, self.keepalive_s)  # ComfyUI must drop it before we come back
+                    # ComfyUI must drop the old socket before the new one registers (transcript h);
+                    # a responsive server answers a close at once, a silent socket never does.
+                    _close_cleanly(ws, min(self.keepalive_s, _CLOSE_WAIT_S))
                 else:
                     _shutdown(ws)
                 if not self._reconnect():

@@ -5,12 +5,14 @@ Without ``PREFECT_API_URL`` set, Prefect runs the flow against its temporary loc
 no Prefect server is needed.
 
 Exit codes: 0 success; 1 the server or some generations failed; 2 bad arguments or a
-workflow that cannot be used (nothing was sent).
+workflow that cannot be used (nothing was sent); 130 / 143 interrupted by SIGINT (Ctrl-C) /
+SIGTERM, within 10 s, after our prompts were removed from the server (see ``cli_signals``).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -22,6 +24,7 @@ from ..blocks.errors import ComfyUIError, WorkflowError
 from ..blocks.server import ComfyUIServerPool
 from ..blocks.workflow import SeedMode, problems_on_server, require_description_binding
 from .cli_blocks import link_blocks, pool_app, server_app, workflow_app
+from .cli_signals import SignalOwner
 from .cli_support import fail, server_block, workflow_from_file
 
 app = typer.Typer(add_completion=False, help="Run ComfyUI generations as Prefect flows.")
@@ -86,30 +89,39 @@ def run(
                                             help="Seconds one generation may run (default 900)."),
 ) -> None:
     """Generate images or videos for descriptions and write the report artifacts."""
-    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect.exceptions import TerminationSignal
 
-    from .generate_content import generate_content
+    # SIGINT and SIGTERM are ours from the start: one during Prefect's start-up ends the command too.
+    with SignalOwner() as owner:
+        try:
+            from prefect.task_runners import ThreadPoolTaskRunner
 
-    if kind not in ("image", "video"):
-        raise typer.BadParameter("must be image or video", param_hint="--kind")
-    texts = list(description or [])
-    if descriptions is not None:
-        texts += read_descriptions(descriptions)
-    if not texts:
-        raise typer.BadParameter("give --description TEXT (repeatable) or --descriptions FILE")
-    blocks = [server_block(url, api_key, timeout, max_in_flight) for url in server]
-    block = blocks[0] if len(blocks) == 1 else ComfyUIServerPool.of(blocks)
-    template = workflow_from_file(workflow)
-    flow = generate_content.with_options(
-        task_runner=ThreadPoolTaskRunner(max_workers=concurrency),
-        retries=flow_retries,
-        retry_delay_seconds=0,
-    )
-    try:
-        state = _call_flow(flow, block, template, texts, kind, character, variants, output_dir, seed_mode,
-                           base_seed, param, output_type, retries, retry_delay)
-    except KeyboardInterrupt:
-        raise fail("interrupted: prompts still queued or running were removed from the server", 130) from None
+            from .generate_content import generate_content
+
+            if kind not in ("image", "video"):
+                raise typer.BadParameter("must be image or video", param_hint="--kind")
+            texts = list(description or [])
+            if descriptions is not None:
+                texts += read_descriptions(descriptions)
+            if not texts:
+                raise typer.BadParameter("give --description TEXT (repeatable) or --descriptions FILE")
+            blocks = [server_block(url, api_key, timeout, max_in_flight) for url in server]
+            block = blocks[0] if len(blocks) == 1 else ComfyUIServerPool.of(blocks)
+            template = workflow_from_file(workflow)
+            flow = generate_content.with_options(
+                task_runner=ThreadPoolTaskRunner(max_workers=concurrency),
+                retries=flow_retries,
+                retry_delay_seconds=0,
+            )
+            state = _call_flow(flow, block, template, texts, kind, character, variants, output_dir, seed_mode,
+                               base_seed, param, output_type, retries, retry_delay)
+        except KeyboardInterrupt:
+            raise _stopped(owner, signal.SIGINT) from None
+        except TerminationSignal as exc:
+            raise _stopped(owner, exc.signal) from None
+        stop = owner.stop()
+        if stop is not None:  # the flow returned though its interrupt was lost: the sweep ended it
+            raise fail(stop.message, stop.code)
     if state.is_completed():
         results = state.result()
         files = [f.path for r in results for f in r.files]
@@ -124,6 +136,15 @@ def run(
     typer.secho(f"flow run {state.name}: {state.message}", fg=typer.colors.RED, err=True)
     _point_at_report(character, kind)
     raise typer.Exit(1)
+
+
+def _stopped(owner: SignalOwner, signum: int) -> typer.Exit:
+    """The exit for a run that ended with KeyboardInterrupt or TerminationSignal: ``128 + signum``
+    (130, 143) and one line saying how many of our prompts were removed from the server."""
+    stop = owner.stop(assume=signum)
+    if stop is None:  # not the main thread: the flow's own finally removed our prompts
+        return fail("interrupted: prompts still queued or running were removed from the server", 128 + signum)
+    return fail(stop.message, stop.code)
 
 
 def _point_at_report(character: str, kind: str) -> None:
