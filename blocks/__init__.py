@@ -14,17 +14,23 @@ Register every block type with ``prefect block register -m comfy_pipeline.blocks
 - ``http_api.py``: ComfyUI's HTTP endpoints, one method each.
 - ``protocol.py``: message parsing and the per-prompt tracker, no I/O.
 - ``workflow.py``: workflow templates, parameter bindings and seeds.
+- ``preflight.py``: the rendered workflow checked against each server's ``/object_info`` before
+  the first POST, and telling a 400 of the workflow itself from one generation's.
 - ``errors.py``: one exception type per failure a user can meet.
+- ``tls.py``: the TLS settings HTTP and the WebSocket share, and telling a certificate failure.
 """
 
 from .connection import ComfyUIConnection, ConnectionStats, PromptOutcome
 from .errors import (
     AuthenticationFailed,
+    CABundleUnusable,
+    CertificateNotTrusted,
     ComfyUIError,
     ConnectionLost,
     DownloadFailed,
     ExecutionInterrupted,
     GenerationCancelled,
+    GenerationSkipped,
     GenerationTimeout,
     NodeExecutionError,
     OutputError,
@@ -34,6 +40,7 @@ from .errors import (
     ServerError,
     ServerUnreachable,
     WorkflowError,
+    WorkflowNotRunnable,
 )
 from .protocol import OutputRef, PromptEvent, PromptTracker, outputs_from_history
 from .pool import ConnectionPool
@@ -42,6 +49,8 @@ from .workflow import ComfyUIWorkflow, SeedMode, choose_seed
 
 __all__ = [
     "AuthenticationFailed",
+    "CABundleUnusable",
+    "CertificateNotTrusted",
     "ComfyUIConnection",
     "ComfyUIError",
     "ComfyUIServer",
@@ -52,6 +61,7 @@ __all__ = [
     "DownloadFailed",
     "ExecutionInterrupted",
     "GenerationCancelled",
+    "GenerationSkipped",
     "GenerationTimeout",
     "NodeExecutionError",
     "OutputError",
@@ -65,6 +75,7 @@ __all__ = [
     "ServerError",
     "ServerUnreachable",
     "WorkflowError",
+    "WorkflowNotRunnable",
     "ComfyUIWorkflow",
     "SeedMode",
     "choose_seed",

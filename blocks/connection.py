@@ -100,6 +100,9 @@ class ComfyUIConnection:
         url: the server's HTTP base URL, e.g. ``http://127.0.0.1:8188``.
         headers: extra HTTP/WebSocket headers (``Authorization`` included when set); never logged.
         verify_tls: verify the server's certificate for https/wss.
+        ca_bundle: path of a PEM file with the CA certificate(s) to trust for https and wss
+            instead of the default ones (a private CA); ignored when ``verify_tls`` is False.
+            Checked here: :class:`CABundleUnusable` when it is not a PEM file with a certificate.
         connect_timeout_s: seconds allowed for TCP connect and the WebSocket handshake.
         generation_timeout_s: default seconds one prompt may run, from ``execution_start``
             (or its first ``executing``/``execution_cached``) to completion.
@@ -132,6 +135,7 @@ class ComfyUIConnection:
         *,
         headers: Mapping[str, str] | None = None,
         verify_tls: bool = True,
+        ca_bundle: Optional[str] = None,
         connect_timeout_s: float = 10.0,
         generation_timeout_s: float = 900.0,
         queue_timeout_s: float = 3600.0,
@@ -164,12 +168,12 @@ class ComfyUIConnection:
         self.can_fail_over: Callable[["ComfyUIConnection"], bool] = lambda connection: False
         self.stats = ConnectionStats()
         self.slots = Slots(max_in_flight, slot_condition)
-        self.http = ComfyUIHTTP(self.url, headers=headers, verify_tls=verify_tls,
+        self.http = ComfyUIHTTP(self.url, headers=headers, verify_tls=verify_tls, ca_bundle=ca_bundle,
                                 connect_timeout_s=connect_timeout_s, http_timeout_s=http_timeout_s,
                                 logger=self._log)
         self.transport = WebSocketTransport(
             self.url, self.client_id, headers=dict(headers or {}), verify_tls=verify_tls,
-            connect_timeout_s=connect_timeout_s, keepalive_s=keepalive_s,
+            ca_bundle=self.http.ca_bundle, connect_timeout_s=connect_timeout_s, keepalive_s=keepalive_s,
             on_message=self._on_message, on_link=self._on_link, stats=self.stats, logger=self._log)
         self._waiters: dict[str, _Waiter] = {}
         self._moved: set[str] = set()  # moved away while this server was unreachable: remove when it is back
@@ -183,6 +187,7 @@ class ComfyUIConnection:
 
         Raises:
             ServerUnreachable: no answer within ``connect_timeout_s`` (names the URL).
+            CertificateNotTrusted: the server's TLS certificate failed verification (not retried).
             AuthenticationFailed: HTTP 401/403 or a refused WebSocket upgrade.
         """
         if self._opened:
@@ -210,7 +215,10 @@ class ComfyUIConnection:
                 return
             self._closed = True  # from here no waiter can register, so no POST can leave
             in_flight = list(self._waiters)
+            given_up = self._moved - set(in_flight)  # moved elsewhere, still to be removed here
         self.slots.notify()  # generations waiting for a slot give up now
+        if cancel_in_flight and given_up and not in_flight and self.transport.up:
+            self.cancel_prompts(given_up)
         if cancel_in_flight and in_flight:
             self._log.warning("closing with %d prompt(s) in flight on %s: removing them from the server",
                               len(in_flight), self.url)
@@ -221,7 +229,7 @@ class ComfyUIConnection:
             # execution_interrupted as a failure of its own.
             self._wake_all("the connection was closed (the flow run ended or was cancelled) and the "
                            "prompt was removed from the server", interrupted=running)
-            self.cancel_prompts(in_flight, snapshot=snapshot)
+            self.cancel_prompts(set(in_flight) | given_up, snapshot=snapshot)
         self.transport.close()
         self._wake_all("the connection was closed")
         self.http.close()
@@ -283,6 +291,10 @@ class ComfyUIConnection:
 
     def _on_link(self, up: bool) -> None:
         self.slots.notify()  # generations waiting for a connected server look again
+        if not up and self.transport.down_reason.startswith("silent"):
+            # what silenced the WebSocket (a proxy, a NAT) silenced our idle keep-alive HTTP
+            # connections too: open new ones rather than wait a read timeout on each
+            self.http.close()
         with self._lock:
             waiters = list(self._waiters.values())
             moved, self._moved = (set(self._moved), set()) if up else (set(), self._moved)
@@ -294,15 +306,34 @@ class ComfyUIConnection:
             threading.Thread(target=self._remove_moved, args=(moved,), daemon=True,
                              name=f"comfyui-cleanup-{self.client_id[:8]}").start()
 
+    def remove_when_reachable(self, prompt_id: str, *, now: bool = True) -> None:
+        """Give up a prompt of ours that may still be on this server (it moved to another server,
+        or an attempt that could not reach this one runs elsewhere): it is never followed again,
+        and it is removed from this server when it is back (``now``: also try at once, in case its
+        HTTP API answers while its WebSocket does not)."""
+        self.abandoned_prompts.add(prompt_id)
+        with self._lock:
+            self._moved.add(prompt_id)
+        if not now:
+            return
+        threading.Thread(target=self._remove_moved, args=({prompt_id},), daemon=True,
+                         name=f"comfyui-cleanup-{self.client_id[:8]}").start()
+
     def _remove_moved(self, prompt_ids: set[str]) -> None:
-        """This server is back: remove the prompts that moved away while it was unreachable; one
-        that finished here anyway is recorded in :attr:`finished_after_move`, never downloaded."""
+        """Remove prompts we gave up here (see :meth:`remove_when_reachable`); one that finished
+        here anyway is recorded in :attr:`finished_after_move`, never downloaded. A prompt this
+        server cannot be asked about now stays listed for its next reconnect."""
         for prompt_id in sorted(prompt_ids):
             try:
                 status, _ = self.prompt_status(prompt_id)
             except ComfyUIError as exc:
-                self._log.warning("could not check moved prompt %s on %s: %s", prompt_id, self.url, exc)
+                self._log.debug("could not check moved prompt %s on %s yet: %s", prompt_id, self.url, exc)
+                with self._lock:
+                    if not self._closed:
+                        self._moved.add(prompt_id)
                 continue
+            with self._lock:
+                self._moved.discard(prompt_id)
             if status in ("pending", "running"):
                 self.cancel_prompts([prompt_id])
                 self._log.warning("%s is back: removed prompt %s, which had moved to another server",
@@ -403,6 +434,8 @@ class ComfyUIConnection:
             answer = self.http.post_prompt(body)
         except ServerUnreachable:
             if self._server_has(prompt_id):
+                if self._closed:  # close() looked at the queue before this prompt got there
+                    self._remove_late(prompt_id)
                 self._log.warning("POST /prompt for %s failed in transport but the server has it; "
                                   "following it instead of posting again", prompt_id)
                 return prompt_id
@@ -548,9 +581,7 @@ class ComfyUIConnection:
                     raise step.error
                 elif step.action == "failover":
                     link = self._link()
-                    with self._lock:
-                        self._moved.add(prompt_id)
-                    self.abandoned_prompts.add(prompt_id)
+                    self.remove_when_reachable(prompt_id)
                     raise PromptMoved(self.url, prompt_id, now - (link.down_since or now), link.reason)
         finally:
             self._forget(prompt_id)

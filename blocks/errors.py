@@ -38,8 +38,83 @@ class AuthenticationFailed(ComfyUIError):
         )
 
 
+class CertificateNotTrusted(ComfyUIError):
+    """The server's TLS certificate (https/wss) failed verification: signed by a CA this machine
+    does not trust (a private CA), issued for another host name, expired or not yet valid.
+
+    Never retried: it fails the same way until the settings change. ``reason`` is OpenSSL's
+    (e.g. ``unable to get local issuer certificate``); ``code`` its X509 verify code, if known.
+    """
+
+    def __init__(self, url: str, reason: str, *, ca_bundle: str | None = None, code: int | None = None):
+        self.url = url
+        self.reason = reason
+        self.ca_bundle = ca_bundle
+        self.code = code
+        skip = "or pass --insecure (verify_tls=False) to skip the check"
+        if code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+            hint = f"use a URL with a host name the certificate was issued for, {skip}"
+        elif code in (9, 10):  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+            hint = f"renew the server's certificate (or check this machine's clock), {skip}"
+        elif ca_bundle:
+            hint = (f"the CA bundle {ca_bundle} (--ca-bundle / ca_bundle) does not hold the CA that "
+                    f"signed it: give that CA's PEM file, {skip}")
+        else:
+            hint = ("pass --ca-bundle PATH (the PEM file of the CA that signed it) or set ca_bundle on "
+                    f"the ComfyUI Server block, {skip}")
+        super().__init__(f"the certificate of {url} is not trusted: {reason}; {hint}")
+
+
+class CABundleUnusable(ComfyUIError):
+    """The ``ca_bundle`` of a server (``--ca-bundle``) is missing here or holds no certificate."""
+
+    def __init__(self, url: str, path: str, reason: str):
+        self.url = url
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"the CA bundle {path} for {url} cannot be used: {reason}; set ca_bundle (--ca-bundle) "
+            "to a PEM file with the CA certificate(s) on the machine that runs the flow"
+        )
+
+
 class WorkflowError(ComfyUIError):
     """The workflow file or its bindings cannot be used; nothing was sent to the server."""
+
+
+class WorkflowNotRunnable(WorkflowError):
+    """The preflight (``blocks/preflight.py``) found that no server of the run can run the
+    rendered workflow, by its ``/object_info``; nothing was sent. Never retried.
+
+    Attributes:
+        problems: ``{server url: [problem, ...]}``, one sentence per problem naming the node
+            id, ``class_type``, input and what the server offers.
+    """
+
+    def __init__(self, source: str | None, problems: Mapping[str, list[str]]):
+        self.source = source
+        self.problems = {url: list(found) for url, found in problems.items()}
+        what = f"The workflow {source}" if source else "The workflow"
+        if len(self.problems) == 1:
+            ((url, found),) = self.problems.items()
+            text = f"{what} cannot run on {url}; nothing was sent:" + "".join(f"\n  - {p}" for p in found)
+        else:
+            text = f"{what} cannot run on any server of the pool; nothing was sent:" + "".join(
+                f"\n  - {url}:" + "".join(f"\n    - {p}" for p in found) for url, found in self.problems.items())
+        super().__init__(
+            text + "\nInstall what is missing on the server (custom nodes, model files) or fix the "
+            "workflow or its parameters, then run again."
+        )
+
+
+class GenerationSkipped(ComfyUIError):
+    """Not submitted: ComfyUI refused this run's workflow for another generation with an error
+    that is the same for every generation (``reason`` says which), so the run sends no new prompt.
+    Never retried; the report marks the generation ``not run``."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"not run: {reason}")
 
 
 def _format_node_errors(node_errors: Mapping[str, Any]) -> list[str]:

@@ -2,8 +2,9 @@
 
 ``GET /system_stats``, ``GET /object_info``, ``POST /prompt``, ``GET /queue``,
 ``POST /queue`` (delete), ``POST /interrupt`` (targeted), ``GET /history/{prompt_id}`` and
-``GET /view`` (streamed download). Transport failures become :class:`ServerUnreachable`,
-401/403 :class:`AuthenticationFailed`, other unexpected statuses :class:`ServerError`.
+``GET /view`` (streamed download). Transport failures become :class:`ServerUnreachable`
+(a certificate that fails verification :class:`CertificateNotTrusted`), 401/403
+:class:`AuthenticationFailed`, other unexpected statuses :class:`ServerError`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import os
 import re
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import InsecureRequestWarning
 from urllib3.util.retry import Retry
 
 from .errors import (
@@ -31,6 +35,7 @@ from .errors import (
     ServerUnreachable,
 )
 from .protocol import OutputRef
+from .tls import not_trusted, requests_verify, usable_ca_bundle
 
 module_logger = logging.getLogger("comfy_pipeline.http")
 
@@ -41,6 +46,21 @@ module_logger = logging.getLogger("comfy_pipeline.http")
 GET_RETRIES = Retry(total=3, connect=3, read=0, status=3, other=0, backoff_factor=0.2,
                     status_forcelist=(502, 503, 504), allowed_methods=frozenset({"GET"}),
                     raise_on_status=False)
+
+
+class _RetriesAtDebug(logging.Filter):
+    """urllib3 logs every retry of a request at WARNING ("Retrying (Retry(total=2, ...)) after
+    connection broken by ..."); what matters (the request failed in the end) is reported by us in
+    one line, so these are lowered to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.getMessage().startswith("Retrying"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_RetriesAtDebug())
 
 
 def short_reason(exc: BaseException) -> str:
@@ -57,11 +77,17 @@ class ComfyUIHTTP:
     Args:
         url: base URL, e.g. ``http://127.0.0.1:8188``.
         headers: sent on every request (``Authorization`` included when set); never logged.
-        verify_tls: verify the certificate for https.
+        verify_tls: verify the certificate for https. False (for https): one warning is logged
+            here, and urllib3's own warning on every request to this host is silenced.
+        ca_bundle: path of a PEM file with the CA certificate(s) to trust for https instead of
+            the default ones (a private CA); ignored when ``verify_tls`` is False.
         connect_timeout_s: seconds for the TCP connect (and for ``/system_stats`` as a whole).
         http_timeout_s: seconds to wait for a response once connected.
         logger: where warnings (a download retried) go; the connection passes its own, the flow
             run's logger. Default: the ``comfy_pipeline.http`` logger.
+
+    Raises:
+        CABundleUnusable: ``ca_bundle`` is not a readable PEM file with a certificate here.
     """
 
     def __init__(
@@ -70,6 +96,7 @@ class ComfyUIHTTP:
         *,
         headers: Mapping[str, str] | None = None,
         verify_tls: bool = True,
+        ca_bundle: Optional[str] = None,
         connect_timeout_s: float = 10.0,
         http_timeout_s: float = 60.0,
         logger: Optional[Union[logging.Logger, logging.LoggerAdapter]] = None,
@@ -78,24 +105,38 @@ class ComfyUIHTTP:
         self._log = logger or module_logger
         self.connect_timeout_s = connect_timeout_s
         self.http_timeout_s = http_timeout_s
+        self.ca_bundle = usable_ca_bundle(ca_bundle, self.url) if ca_bundle and verify_tls else None
+        # Given with every request: a session's own verify loses to REQUESTS_CA_BUNDLE.
+        self._verify = requests_verify(verify_tls, self.ca_bundle)
         self._session = requests.Session()
         adapter = HTTPAdapter(max_retries=GET_RETRIES)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._session.headers.update(dict(headers or {}))
-        self._session.verify = verify_tls
+        self._session.verify = self._verify
+        if not verify_tls and urlsplit(self.url).scheme == "https":
+            # Said once here, in our words; urllib3 would warn about this host on every request.
+            self._log.warning("the TLS certificate of %s is not verified (verify_tls=False / --insecure)",
+                              self.url)
+            warnings.filterwarnings("ignore", category=InsecureRequestWarning, message=(
+                rf"Unverified HTTPS request is being made to host '{re.escape(urlsplit(self.url).hostname or '')}'"))
 
     def close(self) -> None:
-        """Close the pooled HTTP connections."""
+        """Close the pooled HTTP connections (the client stays usable: new ones are opened)."""
         self._session.close()
 
     # ------------------------------------------------------------------ plumbing
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """One request; transport errors raise :class:`ServerUnreachable`, 401/403 :class:`AuthenticationFailed`."""
+        """One request; transport errors raise :class:`ServerUnreachable` (a certificate that
+        fails verification :class:`CertificateNotTrusted`), 401/403 :class:`AuthenticationFailed`."""
         kwargs.setdefault("timeout", (self.connect_timeout_s, self.http_timeout_s))
+        kwargs.setdefault("verify", self._verify)
         try:
             response = self._session.request(method, f"{self.url}{path}", **kwargs)
         except requests.RequestException as exc:
+            untrusted = not_trusted(self.url, exc, self.ca_bundle)
+            if untrusted is not None:
+                raise untrusted from exc
             raise ServerUnreachable(self.url, f"{method} {path}: {short_reason(exc)}") from exc
         if response.status_code in (401, 403):
             response.close()
@@ -123,8 +164,10 @@ class ComfyUIHTTP:
         return self.json("GET", "/object_info")
 
     def queue(self) -> dict:
-        """``GET /queue``: ``{"queue_running": [[number, prompt_id, ...]], "queue_pending": [...]}``."""
-        return self.json("GET", "/queue")
+        """``GET /queue``: ``{"queue_running": [[number, prompt_id, ...]], "queue_pending": [...]}``,
+        within ``connect_timeout_s`` (ComfyUI answers it at once; a silent connection must not hold
+        a check for ``http_timeout_s``)."""
+        return self.json("GET", "/queue", timeout=(self.connect_timeout_s, self.connect_timeout_s))
 
     def queue_ids(self) -> tuple[set[str], set[str]]:
         """``(running, pending)`` prompt ids from ``GET /queue``."""
@@ -137,7 +180,7 @@ class ComfyUIHTTP:
 
     def history(self, prompt_id: str) -> dict:
         """``GET /history/{prompt_id}``: the entry, or ``{}`` when the server has none."""
-        body = self.json("GET", f"/history/{prompt_id}")
+        body = self.json("GET", f"/history/{prompt_id}", timeout=(self.connect_timeout_s, self.connect_timeout_s))
         return body.get(prompt_id) or {}
 
     def post_prompt(self, body: Mapping[str, Any]) -> dict:

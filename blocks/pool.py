@@ -5,7 +5,10 @@ server with the most free in-flight slots (ties: the shorter ComfyUI queue from 
 ``status`` broadcast, then the one that has run fewest). A server that cannot be reached at
 open is left out. One that becomes unreachable mid-run gets no new work while it is away; its
 prompts move to another server after ``failover_after_s`` when one has a free slot (and are
-removed from it when it answers again), and it is used again as soon as it is back.
+removed from it when it answers again), and it is used again as soon as it is back. A server
+that cannot run the workflow is left out before anything is sent (``leave_out``, by the
+preflight), and once ComfyUI refused the workflow itself the pool sends no new prompt
+(``stop_new_prompts``).
 """
 
 from __future__ import annotations
@@ -19,13 +22,18 @@ from collections import Counter
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .connection import ComfyUIConnection, PromptOutcome, PromptStatus
-from .errors import (ComfyUIError, ConnectionLost, GenerationCancelled, PromptMoved, ServerError,
-                     ServerUnreachable)
+from .errors import (ComfyUIError, ConnectionLost, GenerationCancelled, GenerationSkipped, PromptMoved,
+                     ServerError, ServerUnreachable)
 from .protocol import OutputRef
 from .server import ComfyUIServer, ComfyUIServerPool
 
 module_logger = logging.getLogger("comfy_pipeline.pool")
 Logger = Union[logging.Logger, logging.LoggerAdapter]
+
+
+def moved_prompt_id(prompt_id: str) -> str:
+    """The ``prompt_id`` a prompt gets when it moves to another server (a uuid5 of the old one)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{prompt_id}/moved"))
 
 
 class ConnectionPool:
@@ -51,12 +59,17 @@ class ConnectionPool:
         self._log = logger or module_logger
         self._closed = threading.Event()
         self._moving = 0  # prompts moving away from an unreachable server: served before new work
+        self._finished: dict[str, tuple] = {}  # see remember_finished
         for connection in self.connections:
             connection.can_fail_over = self._can_fail_over
         #: prompts of ours queued or running (in-flight slots taken) when the pool was first closed
         self.in_flight_at_close = 0
         #: why :meth:`close_all` closed the pool (e.g. ``"interrupted (Ctrl-C)"``), else None
         self.stopped_because: Optional[str] = None
+        #: ``{url: reason}`` of servers taken out before any prompt was sent (:meth:`leave_out`)
+        self.left_out: dict[str, str] = {}
+        #: why the pool takes no new prompt any more (:meth:`stop_new_prompts`), else None
+        self.no_new_prompts: Optional[str] = None
         with ConnectionPool._every_pool_lock:
             ConnectionPool._every_pool.add(self)
 
@@ -149,6 +162,33 @@ class ConnectionPool:
                 module_logger.exception("could not close the connections to %s", ", ".join(pool.urls))
         return sum(pool.in_flight_at_close for pool in pools)
 
+    def leave_out(self, connection: ComfyUIConnection, reason: str) -> None:
+        """Take ``connection`` out of the pool and close it, before any prompt was sent to it (its
+        server cannot run the workflow: see ``blocks/preflight.py``); ``reason`` goes to
+        ``left_out``. The pool keeps at least one connection.
+
+        Raises:
+            ValueError: ``connection`` is the pool's last one, or not one of its connections.
+        """
+        with self._cond:
+            if connection not in self.connections or len(self.connections) == 1:
+                raise ValueError(f"{connection.url} cannot be left out: it is not in the pool or its last server")
+            self.connections.remove(connection)
+            self.left_out[connection.url] = reason
+        connection.close()
+
+    def stop_new_prompts(self, reason: str) -> None:
+        """Send no new prompt from now on (ComfyUI refused the workflow itself): every generation
+        waiting for a slot, and every one that asks later, raises :class:`GenerationSkipped` with
+        ``reason``; prompts already on a server go on. The first reason is kept and logged."""
+        with self._cond:
+            first = self.no_new_prompts is None
+            if first:
+                self.no_new_prompts = reason
+            self._cond.notify_all()
+        if first:
+            self._log.warning("no new prompts are sent in this run: %s", reason)
+
     def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` (e.g. before a retry), ending at once if the pool is closed.
 
@@ -190,6 +230,7 @@ class ConnectionPool:
 
         Raises:
             GenerationCancelled: the pool was closed (the run ended or was cancelled).
+            GenerationSkipped: the pool sends no new prompt any more (:meth:`stop_new_prompts`).
             ConnectionLost: no server of the pool answered for ``reconnect_timeout_s``.
         """
         gave_up_at: Optional[float] = None
@@ -197,7 +238,10 @@ class ConnectionPool:
             while True:
                 if self._closed.is_set():
                     raise GenerationCancelled(", ".join(self.urls))
-                live = [c for c in self.connections if c.usable and c is not exclude]
+                if self.no_new_prompts is not None and exclude is None:  # a moving prompt was accepted
+                    raise GenerationSkipped(self.no_new_prompts)
+                # the server a prompt moves away from is used again if it came back meanwhile
+                live = [c for c in self.connections if c.usable and not (c is exclude and not c.connected)]
                 if not live:
                     raise ConnectionLost(", ".join(self.urls), "no server of the pool is usable any more")
                 connected = [c for c in live if c.connected]
@@ -215,15 +259,58 @@ class ConnectionPool:
                     self._cond.wait()
                     continue
                 # Every server is away: wait for one to answer again rather than POST into it.
-                now = time.monotonic()
-                if gave_up_at is None:
-                    gave_up_at = now + max(c.reconnect_timeout_s for c in live)
-                if now >= gave_up_at:
-                    reasons = "; ".join(f"{c.url}: {c.transport.down_reason}" for c in live)
-                    raise ConnectionLost(", ".join(c.url for c in live),
-                                         f"no server of the pool answered for "
-                                         f"{max(c.reconnect_timeout_s for c in live):g} s ({reasons})")
-                self._cond.wait(gave_up_at - now)
+                gave_up_at = self._wait_while_away(live, gave_up_at)
+
+    def _wait_while_away(self, live: list[ComfyUIConnection], gave_up_at: Optional[float]) -> float:
+        """Every server of ``live`` is away: wait on the condition (held) until something changes,
+        at most until ``gave_up_at`` (set to the longest ``reconnect_timeout_s`` from now when None);
+        returns it.
+
+        Raises:
+            ConnectionLost: ``gave_up_at`` has passed, naming each server and why it is away.
+        """
+        now = time.monotonic()
+        if gave_up_at is None:
+            gave_up_at = now + max(c.reconnect_timeout_s for c in live)
+        if now >= gave_up_at:
+            reasons = "; ".join(f"{c.url}: {c.transport.down_reason}" for c in live)
+            raise ConnectionLost(", ".join(c.url for c in live),
+                                 f"no server of the pool answered for "
+                                 f"{max(c.reconnect_timeout_s for c in live):g} s ({reasons})")
+        self._cond.wait(gave_up_at - now)
+        return gave_up_at
+
+    def wait_for_a_server(self) -> None:
+        """Return once a server of the pool is connected, waiting up to the longest
+        ``reconnect_timeout_s`` while all of them are away (so a retry asks the server that has
+        its earlier prompt rather than taking it for lost).
+
+        Raises:
+            GenerationCancelled: the pool was closed.
+            ConnectionLost: no server answered for ``reconnect_timeout_s``.
+        """
+        gave_up_at: Optional[float] = None
+        with self._cond:
+            while True:
+                if self._closed.is_set():
+                    raise GenerationCancelled(", ".join(self.urls))
+                live = [c for c in self.connections if c.usable]
+                if not live:
+                    raise ConnectionLost(", ".join(self.urls), "no server of the pool is usable any more")
+                if any(c.connected for c in live):
+                    return
+                gave_up_at = self._wait_while_away(live, gave_up_at)
+
+    def give_up_where_away(self, prompt_ids: Iterable[str]) -> None:
+        """Prompts not found on the connected servers may still be on one that is away: each such
+        server removes them when it is back (a prompt that finished there is named in the log,
+        never downloaded), and they are never followed again (see
+        :meth:`ComfyUIConnection.remove_when_reachable`)."""
+        ids = list(prompt_ids)
+        for connection in self.connections:
+            if connection.usable and not connection.connected:
+                for prompt_id in ids:
+                    connection.remove_when_reachable(prompt_id, now=False)
 
     def _can_fail_over(self, away: ComfyUIConnection) -> bool:
         """May a prompt of ``away`` (unreachable) move: is another server connected? (A moving
@@ -287,7 +374,7 @@ class ConnectionPool:
                                                       **options)
             except PromptMoved as moved:
                 target = self.checkout(exclude=connection)
-                new_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{prompt_id}/moved"))
+                new_id = moved_prompt_id(prompt_id)
                 self._log.warning("prompt %s moves from %s (%s) to %s as prompt %s", prompt_id, connection.url,
                                   moved.reason, target.url, new_id)
                 moved_from = moved_from or connection.url
@@ -295,6 +382,24 @@ class ConnectionPool:
                 continue
             outcome.moved_from = moved_from
             return outcome, refs, connection
+
+    def remember_finished(self, key: str, finished: tuple) -> None:
+        """Keep a finished prompt's ``(outcome, refs, connection)`` under ``key`` (one generation)
+        until its files are saved, for the task's retries in this flow run (see
+        :meth:`finished_outputs`)."""
+        with self._cond:
+            self._finished[key] = finished
+
+    def finished_outputs(self, key: str) -> Optional[tuple]:
+        """What :meth:`remember_finished` kept under ``key``, if its server is still in use."""
+        with self._cond:
+            finished = self._finished.get(key)
+        return finished if finished is not None and finished[2].usable else None
+
+    def forget_finished(self, key: str) -> None:
+        """The generation's files are saved: nothing to remember for ``key`` any more."""
+        with self._cond:
+            self._finished.pop(key, None)
 
     def stats(self) -> dict[str, Any]:
         """Per-server connection facts: ``{url: ConnectionStats}``."""

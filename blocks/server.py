@@ -19,7 +19,9 @@ class ComfyUIServer(Block):
 
     The WebSocket URL is derived from ``url`` (http -> ws, https -> wss). An ``api_key`` is
     sent as ``Authorization: Bearer <key>`` on every HTTP request and on the WebSocket
-    upgrade, and is never logged.
+    upgrade, and is never logged. For https with a certificate signed by a private CA, set
+    ``ca_bundle`` to that CA's PEM file (used by HTTP and the WebSocket alike); a certificate that
+    fails verification raises :class:`~.errors.CertificateNotTrusted` at once, never retried.
 
     Example:
         ```python
@@ -49,6 +51,14 @@ class ComfyUIServer(Block):
         description="Base URL of the ComfyUI server, e.g. http://127.0.0.1:8188 (the WebSocket URL is derived).",
         examples=["http://127.0.0.1:8188"],
     )
+    public_url: Optional[str] = Field(
+        default=None,
+        title="Public URL",
+        description="Base URL of this server as the people reading the report reach it (the "
+                    "report's gallery loads images from its /view), when that differs from url, "
+                    "e.g. https://comfy.example.com behind a proxy. Default: url.",
+        examples=["https://comfy.example.com"],
+    )
     api_key: Optional[SecretStr] = Field(
         default=None,
         description="API key sent as 'Authorization: Bearer <key>' on HTTP and WebSocket.",
@@ -59,6 +69,14 @@ class ComfyUIServer(Block):
     )
     verify_tls: bool = Field(
         default=True, description="Verify the server's TLS certificate for https/wss."
+    )
+    ca_bundle: Optional[str] = Field(
+        default=None,
+        title="CA bundle",
+        description="Path of a PEM file with the CA certificate(s) that signed the server's "
+                    "certificate (a private CA), for https and wss alike; read on the machine that "
+                    "runs the flow. Default: the usual public CAs. Ignored when verify_tls is off.",
+        examples=["/etc/ssl/private-ca.pem"],
     )
     connect_timeout_s: float = Field(
         default=10.0,
@@ -130,6 +148,23 @@ class ComfyUIServer(Block):
             )
         return value.strip().rstrip("/")
 
+    @field_validator("public_url", mode="before")
+    @classmethod
+    def _check_public_url(cls, value: Any) -> Any:
+        # The UI's form sends "" for an empty field: the default (url). Otherwise the rules of url.
+        if not isinstance(value, str):
+            return value  # None, or a wrong type that pydantic refuses
+        return cls._check_url(value) if value.strip() else None
+
+    @field_validator("ca_bundle", mode="before")
+    @classmethod
+    def _no_empty_ca_bundle(cls, value: Any) -> Any:
+        # The UI's form sends "" for a cleared field. The file itself is checked where the block is
+        # used (connect()): a block saved on one machine is often used on another (a worker).
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value.strip() if isinstance(value, str) else value
+
     @field_validator("headers", mode="before")
     @classmethod
     def _empty_headers(cls, value: Any) -> Any:
@@ -172,12 +207,16 @@ class ComfyUIServer(Block):
 
         Raises:
             ServerUnreachable: within ``connect_timeout_s`` seconds, naming the URL.
+            CertificateNotTrusted: the server's TLS certificate failed verification (set
+                ``ca_bundle``, or ``verify_tls=False``); at once, never retried.
+            CABundleUnusable: ``ca_bundle`` is not a PEM file with a certificate on this machine.
             AuthenticationFailed: the server refused the API key (401/403).
         """
         connection = ComfyUIConnection(
             self.url,
             headers=self.request_headers(),
             verify_tls=self.verify_tls,
+            ca_bundle=self.ca_bundle,
             connect_timeout_s=self.connect_timeout_s,
             generation_timeout_s=self.generation_timeout_s,
             queue_timeout_s=self.queue_timeout_s,

@@ -32,8 +32,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import websocket
 
-from .errors import AuthenticationFailed, ComfyUIError, ServerUnreachable
+from .errors import AuthenticationFailed, CertificateNotTrusted, ComfyUIError, ServerUnreachable
 from .protocol import binary_event_type, parse_text_frame
+from .tls import not_trusted, websocket_sslopt
 
 module_logger = logging.getLogger("comfy_pipeline.connection")
 Logger = Union[logging.Logger, logging.LoggerAdapter]
@@ -97,6 +98,8 @@ class WebSocketTransport:
             messages to the client_id it was submitted with).
         headers: sent with the upgrade request (``Authorization`` included); never logged.
         verify_tls: verify the certificate for wss.
+        ca_bundle: path of a PEM file with the CA certificate(s) to trust for wss instead of the
+            default ones (already checked by the caller: :func:`.tls.usable_ca_bundle`).
         connect_timeout_s: seconds for the TCP connect and the handshake.
         keepalive_s: seconds of silence before a ping, then seconds allowed for any answer;
             also the seconds within which a ``status`` broadcast must follow one of our POSTs.
@@ -107,14 +110,15 @@ class WebSocketTransport:
     """
 
     def __init__(self, http_url: str, client_id: str, *, headers: dict[str, str], verify_tls: bool,
-                 connect_timeout_s: float, keepalive_s: float,
+                 ca_bundle: Optional[str] = None, connect_timeout_s: float, keepalive_s: float,
                  on_message: Callable[[dict, float], None], on_link: Callable[[bool], None],
                  stats: ConnectionStats, logger: Optional[Logger] = None):
         self.url = http_url
         self.client_id = client_id
         self._ws_url = ws_url_for(http_url, client_id)
         self._headers = headers
-        self._verify_tls = verify_tls
+        self._ca_bundle = ca_bundle if verify_tls else None
+        self._sslopt = websocket_sslopt(verify_tls, ca_bundle)
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
         self._on_message = on_message
@@ -143,6 +147,7 @@ class WebSocketTransport:
 
         Raises:
             ServerUnreachable: no handshake within ``connect_timeout_s``.
+            CertificateNotTrusted: the server's certificate failed verification.
             AuthenticationFailed: the upgrade was refused with 401/403.
         """
         self._ws = self._handshake()
@@ -209,7 +214,7 @@ class WebSocketTransport:
                 self._ws_url,
                 timeout=self.connect_timeout_s,
                 header=[f"{k}: {v}" for k, v in self._headers.items()],
-                sslopt=None if self._verify_tls else {"cert_reqs": 0, "check_hostname": False},
+                sslopt=self._sslopt,
                 enable_multithread=True,
             )
         except websocket.WebSocketBadStatusException as exc:
@@ -217,6 +222,9 @@ class WebSocketTransport:
                 raise AuthenticationFailed(self.url, exc.status_code) from exc
             raise ServerUnreachable(self.url, f"WebSocket upgrade refused: {exc}") from exc
         except (OSError, websocket.WebSocketException) as exc:
+            untrusted = not_trusted(self.url, exc, self._ca_bundle)
+            if untrusted is not None:
+                raise untrusted from exc
             raise ServerUnreachable(self.url, f"WebSocket {self._ws_url.split('?')[0]}: {exc}") from exc
         ws.settimeout(_TICK_S)  # the reader wakes up to look at its keepalive clocks
         return ws
@@ -270,6 +278,7 @@ class WebSocketTransport:
         still answered (then it deserves a closing handshake)."""
         last_frame = time.monotonic()
         ping_sent: Optional[float] = None
+        partial = _partial_frame(ws)
         while not self._closing.is_set():
             with self._lock:
                 recycle, expect = self._recycle, self._expect
@@ -279,6 +288,10 @@ class WebSocketTransport:
                 opcode, frame = ws.recv_data_frame(control_frame=True)
             except websocket.WebSocketTimeoutException:
                 now = time.monotonic()
+                progress = _partial_frame(ws)
+                if progress != partial:  # part of a big frame arrived: the socket is alive
+                    partial, last_frame, ping_sent = progress, now, None
+                    continue
                 if expect is not None and now >= expect[1]:
                     return (f"deaf: no queue status from ComfyUI within {self.keepalive_s:g} s of our "
                             "POST /prompt (the server forgot our client_id)", True)
@@ -290,7 +303,7 @@ class WebSocketTransport:
                 continue
             except (OSError, websocket.WebSocketException) as exc:
                 return (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), False
-            last_frame, ping_sent = time.monotonic(), None
+            last_frame, ping_sent, partial = time.monotonic(), None, _partial_frame(ws)
             if opcode == websocket.ABNF.OPCODE_TEXT:
                 self._route(frame.data, last_frame)
             elif opcode == websocket.ABNF.OPCODE_BINARY:
@@ -336,7 +349,14 @@ class WebSocketTransport:
             except ComfyUIError as exc:
                 tries += 1
                 if str(exc) != last:
-                    self._log.debug("reconnect to %s failed (try %d): %s", self.url, tries, exc)
+                    if isinstance(exc, (CertificateNotTrusted, AuthenticationFailed)):
+                        # Not an outage that ends by itself: say it once, plainly, and keep trying
+                        # (generations waiting on this server fail after reconnect_timeout_s).
+                        self._log.error("WebSocket to %s cannot reconnect: %s", self.url, exc)
+                        with self._lock:
+                            self.down_reason = str(exc)
+                    else:
+                        self._log.debug("reconnect to %s failed (try %d): %s", self.url, tries, exc)
                 last = str(exc)
                 continue
             with self._lock:
@@ -347,6 +367,17 @@ class WebSocketTransport:
                 self.up_since = self._connected_at_last = time.monotonic()
             return True
         return False
+
+
+def _partial_frame(ws: websocket.WebSocket) -> tuple:
+    """How far websocket-client got into the frame it is reading: ``(header, length, bytes
+    buffered)``. It changes while a big frame trickles in over a slow link, which counts as a sign
+    of life (its pong may be queued behind the rest of that frame)."""
+    buffer = getattr(ws, "frame_buffer", None)
+    if buffer is None:
+        return ()
+    return (getattr(buffer, "header", None), getattr(buffer, "length", None),
+            sum(len(chunk) for chunk in getattr(buffer, "recv_buffer", ())))
 
 
 def _shutdown(ws: websocket.WebSocket) -> None:

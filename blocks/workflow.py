@@ -49,13 +49,14 @@ import string
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 from prefect.blocks.core import Block
 from pydantic import Field
 
 from .catalog import DOCUMENTATION_URL, LOGO_URL
 from .errors import WorkflowError
+from .preflight import prompt_problems
 
 __all__ = [
     "ComfyUIWorkflow",
@@ -614,32 +615,46 @@ class ComfyUIWorkflow(Block):
                 f"got {type(params).__name__}."
             )
         prompt = _normalize_prompt(self.prompt, source)
-        for binding in _compile_bindings(prompt, self.bindings, source):
-            if binding.format is not None:
-                missing = [f for f in binding.fields if f not in params]
-                if missing:
-                    raise WorkflowError(
-                        f"Workflow {source!r}, binding {binding.name!r}: format "
-                        f"{binding.format!r} uses {', '.join(repr(m) for m in missing)}, which "
-                        f"render() was not given (given: {sorted(map(str, params))})."
-                    )
-                try:
-                    value: Any = binding.format.format_map(dict(params))
-                except (KeyError, IndexError, AttributeError, ValueError, TypeError) as exc:
-                    raise WorkflowError(
-                        f"Workflow {source!r}, binding {binding.name!r}: format "
-                        f"{binding.format!r} cannot be applied to the given parameters: "
-                        f"{type(exc).__name__}: {exc}."
-                    ) from None
-            else:
-                if params.get(binding.name) is None:
-                    continue
-                value = params[binding.name]
-            for target in binding.targets:
-                prompt[target.node_id]["inputs"][target.input_name] = copy.deepcopy(value)
+        bindings = _compile_bindings(prompt, self.bindings, source)
+        for (node_id, input_name), value in _bound_values(bindings, params, source).items():
+            prompt[node_id]["inputs"][input_name] = copy.deepcopy(value)
         if updates:
             self._apply_updates(prompt, updates, source)
         return prompt
+
+    def bound_values(
+        self, params_list: Iterable[Mapping[str, Any]]
+    ) -> list[dict[tuple[str, str], Any]]:
+        """What :meth:`render` would write into the bound inputs, for many parameter sets at once.
+
+        Cheaper than rendering each (the bindings are resolved once and the prompt is not
+        copied): the preflight uses it to check every generation's seed and other varying values.
+
+        Args:
+            params_list: one parameter mapping per generation, as given to :meth:`render`.
+
+        Returns:
+            one ``{(node_id, input_name): value}`` per parameter set, in order; an input whose
+            plain binding has no value (absent or ``None``) is left out, as render() leaves it.
+
+        Raises:
+            WorkflowError: as :meth:`render`, for the first parameter set a format binding
+                cannot be applied to.
+        """
+        source = _src(self.source)
+        bindings = _compile_bindings(self.prompt, self.bindings, source)
+        return [_bound_values(bindings, params, source) for params in params_list]
+
+    def bound_inputs(self, names: Iterable[str]) -> set[tuple[str, str]]:
+        """The ``(node_id, input_name)`` pairs written from any parameter in ``names``: by a
+        binding of that name or by a format binding that uses it."""
+        wanted = set(names)
+        return {
+            (target.node_id, target.input_name)
+            for binding in _compile_bindings(self.prompt, self.bindings, _src(self.source))
+            if binding.name in wanted or wanted.intersection(binding.fields)
+            for target in binding.targets
+        }
 
     @staticmethod
     def _apply_updates(
@@ -678,6 +693,42 @@ class ComfyUIWorkflow(Block):
                 node["inputs"][input_name] = copy.deepcopy(value)
 
 
+def _bound_values(
+    bindings: list[_Binding], params: Mapping[str, Any], source: str
+) -> dict[tuple[str, str], Any]:
+    """``{(node_id, input_name): value}`` that compiled ``bindings`` write for ``params`` (see
+    :meth:`ComfyUIWorkflow.render`; values are not copied). Raises ``WorkflowError``."""
+    if not isinstance(params, Mapping):
+        raise WorkflowError(
+            f"Workflow {source!r}: render() params must be a mapping, got {type(params).__name__}."
+        )
+    values: dict[tuple[str, str], Any] = {}
+    for binding in bindings:
+        if binding.format is not None:
+            missing = [f for f in binding.fields if f not in params]
+            if missing:
+                raise WorkflowError(
+                    f"Workflow {source!r}, binding {binding.name!r}: format "
+                    f"{binding.format!r} uses {', '.join(repr(m) for m in missing)}, which "
+                    f"render() was not given (given: {sorted(map(str, params))})."
+                )
+            try:
+                value: Any = binding.format.format_map(dict(params))
+            except (KeyError, IndexError, AttributeError, ValueError, TypeError) as exc:
+                raise WorkflowError(
+                    f"Workflow {source!r}, binding {binding.name!r}: format "
+                    f"{binding.format!r} cannot be applied to the given parameters: "
+                    f"{type(exc).__name__}: {exc}."
+                ) from None
+        else:
+            if params.get(binding.name) is None:
+                continue
+            value = params[binding.name]
+        for target in binding.targets:
+            values[(target.node_id, target.input_name)] = value
+    return values
+
+
 def require_description_binding(workflow: "ComfyUIWorkflow") -> None:
     """Refuse a workflow that would ignore the descriptions (binds none of ``prompt``,
     ``description`` or ``slug``).
@@ -693,45 +744,30 @@ def require_description_binding(workflow: "ComfyUIWorkflow") -> None:
         )
 
 
-def problems_on_server(workflow: "ComfyUIWorkflow", object_info: Mapping[str, Any]) -> list[str]:
+def problems_on_server(workflow: "ComfyUIWorkflow", object_info: Mapping[str, Any],
+                       params: Optional[Mapping[str, Any]] = None) -> list[str]:
     """What in ``workflow`` the server cannot run, one sentence each (empty when all is well).
 
     Args:
-        workflow: the template (its literal values are checked, not what bindings fill in).
+        workflow: the template.
         object_info: the body of ``GET /object_info`` (``{class_type: {"input": {...}}}``).
+        params: the parameters of one generation: the prompt rendered with them is checked.
+            Without them the template's literal values are (what ``comfy-pipeline check`` does),
+            except the bound inputs, whose values come from the run.
 
-    Reports node classes the server lacks (custom nodes not installed) and choice inputs
-    (``ckpt_name``, ``sampler_name``, ...) whose value is not among the server's options, such
-    as a checkpoint file that is not in its models folder.
+    Reports node types the server lacks (custom nodes not installed), required inputs that are
+    absent, choice inputs (``ckpt_name``, ``sampler_name``, ...) whose value is not among the
+    server's options (a checkpoint file that is not in its models folder) and numbers outside
+    their ``min``/``max``; see ``blocks/preflight.py``, which checks a whole run this way.
+
+    Raises:
+        WorkflowError: ``params`` cannot be applied to the bindings (as :meth:`ComfyUIWorkflow.render`).
     """
-    problems = []
-    missing = sorted(workflow.class_types() - set(object_info))
-    if missing:
-        problems.append(f"the server has no node class {', '.join(missing)}; install the custom "
-                        "nodes that provide them")
-    for node_id, node in workflow.prompt.items():
-        spec = (object_info.get(node.get("class_type")) or {}).get("input") or {}
-        declared = {**(spec.get("optional") or {}), **(spec.get("required") or {})}
-        for name, value in (node.get("inputs") or {}).items():
-            options = _combo_options(declared.get(name))
-            if options is None or _is_link(value) or value in options:
-                continue
-            shown = ", ".join(map(str, options[:8])) + (" ..." if len(options) > 8 else "")
-            problems.append(f"node {node_id} ({node.get('class_type')}) input '{name}': {value!r} is "
-                            f"not one of the server's choices ({shown or 'none'})")
-    return problems
-
-
-def _combo_options(spec: Any) -> Optional[list]:
-    """The allowed values of a choice input's ``/object_info`` spec, or ``None`` if not a choice."""
-    if not isinstance(spec, list) or not spec:
-        return None
-    if isinstance(spec[0], list):
-        return spec[0]
-    if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], Mapping):
-        options = spec[1].get("options")
-        return options if isinstance(options, list) else None
-    return None
+    if params is None:
+        found = prompt_problems(workflow.prompt, object_info, skip=frozenset(workflow.bound_inputs(workflow.bindings)))
+    else:
+        found = prompt_problems(workflow.render(params), object_info)
+    return [str(problem) for problem in found]
 
 
 # --------------------------------------------------------------------------------------------

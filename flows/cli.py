@@ -1,6 +1,8 @@
 """``comfy-pipeline``: run the flow or check a server from the command line.
 
-This module only parses arguments and calls the flow (or the connection for ``check``).
+This module only parses arguments and calls the flow (or the connection for ``check``);
+``cli_display`` shows the run in the terminal. Arguments that cannot work exit 2 in one line
+before any flow run starts.
 Without ``PREFECT_API_URL`` set, Prefect runs the flow against its temporary local API:
 no Prefect server is needed.
 
@@ -24,15 +26,24 @@ from ..blocks.errors import ComfyUIError, WorkflowError
 from ..blocks.server import ComfyUIServerPool
 from ..blocks.workflow import SeedMode, problems_on_server, require_description_binding
 from .cli_blocks import link_blocks, pool_app, server_app, workflow_app
+from .cli_display import RunDisplay, print_end, quiet_prefect_console
 from .cli_signals import SignalOwner
-from .cli_support import fail, server_block, workflow_from_file
+from .cli_support import CA_BUNDLE_HELP, INSECURE_HELP, fail, server_block, workflow_from_file
+from .cli_support import SEED_HELP, USAGE_ERRORS, Kind, check_output_dir, check_seed, seeds, usage_line
 
 app = typer.Typer(add_completion=False, help="Run ComfyUI generations as Prefect flows.")
 
 
 def read_descriptions(path: Path) -> list[str]:
-    """One description per line; blank lines and lines starting with ``#`` are skipped."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    """One description per line; blank lines and lines starting with ``#`` are skipped.
+
+    Raises:
+        typer.BadParameter: the file cannot be read, or is not UTF-8 text.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"{path} cannot be read as UTF-8 text: {exc}", param_hint="--descriptions") from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -60,15 +71,17 @@ def run(
                                      help="ComfyUI base URL, e.g. http://127.0.0.1:8188 (repeat for several GPUs)."),
     workflow: Path = typer.Option(..., "--workflow", exists=True, dir_okay=False,
                                   help="API-format workflow JSON (with its bindings)."),
-    kind: str = typer.Option("image", "--kind", help="image or video."),
+    kind: Kind = typer.Option(Kind.image, "--kind", help="What the workflow makes (file names, report labels)."),
     character: str = typer.Option("character", "--character", help="Character or campaign name."),
     description: Optional[List[str]] = typer.Option(None, "--description", help="A description (repeatable)."),
     descriptions: Optional[Path] = typer.Option(None, "--descriptions", exists=True, dir_okay=False,
                                                 help="A text file, one description per line."),
     variants: int = typer.Option(1, "--variants", min=1, max=100, help="Generations per description."),
-    output_dir: Path = typer.Option(Path("output"), "--output-dir", help="Where files are written."),
-    seed_mode: SeedMode = typer.Option(SeedMode.random, "--seed-mode", help="random, fixed or increment."),
-    base_seed: int = typer.Option(0, "--seed", help="Base seed for fixed/increment."),
+    output_dir: Path = typer.Option(Path("output"), "--output-dir", help="Where files are written (created if missing)."),
+    seed_mode: SeedMode = typer.Option(SeedMode.random, "--seed-mode",
+                                       help="random (each generation its own), fixed (--seed for all) or "
+                                            "increment (--seed, --seed + 1, ...)."),
+    base_seed: int = typer.Option(0, "--seed", callback=check_seed, help=SEED_HELP),
     param: Optional[List[str]] = typer.Option(None, "--param",
                                               help="Extra workflow parameter KEY=VALUE (repeatable)."),
     output_type: Optional[List[str]] = typer.Option(None, "--output-type",
@@ -87,9 +100,37 @@ def run(
                                           help="Bearer token for the server (or COMFYUI_API_KEY)."),
     timeout: Optional[float] = typer.Option(None, "--timeout",
                                             help="Seconds one generation may run (default 900)."),
+    ca_bundle: Optional[Path] = typer.Option(None, "--ca-bundle", metavar="PATH", help=CA_BUNDLE_HELP),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="-v: a line per finished generation and every file at the end; -vv: also "
+                                     "every node and sampler step (Prefect's INFO logs)."),
+    list_files: bool = typer.Option(False, "--list-files", help="List every file written at the end."),
 ) -> None:
-    """Generate images or videos for descriptions and write the report artifacts."""
+    """Generate images or videos for descriptions and write the report artifacts.
+
+    On a terminal a live display shows done, failed, running and queued generations, the rate
+    and the time left; elsewhere each finished generation is one line. Warnings and errors
+    always show; the end lists the failed generations, the output folder and the report.
+    """
     from prefect.exceptions import TerminationSignal
+
+    # Everything the command can know is wrong exits 2 here, in one line, before any flow run.
+    texts = list(description or [])
+    if descriptions is not None:
+        texts += read_descriptions(descriptions)
+    if not texts:
+        raise typer.BadParameter("give --description TEXT (repeatable) or --descriptions FILE")
+    extra_params = parse_params(param or [])
+    seed_mode, base_seed = seeds(seed_mode, base_seed, len(texts) * variants)
+    output_dir = check_output_dir(output_dir)
+    blocks = [server_block(url, api_key, timeout, max_in_flight, ca_bundle=ca_bundle,
+                           insecure=insecure) for url in server]
+    block = blocks[0] if len(blocks) == 1 else ComfyUIServerPool.of(blocks)
+    template = workflow_from_file(workflow)
+    display = RunDisplay(total=len(texts) * variants, descriptions=len(texts), variants=variants,
+                         servers=server, verbosity=verbose)
+    quiet_prefect_console(verbose)  # for the rest of the process: its exit hooks log too
 
     # SIGINT and SIGTERM are ours from the start: one during Prefect's start-up ends the command too.
     with SignalOwner() as owner:
@@ -98,23 +139,14 @@ def run(
 
             from .generate_content import generate_content
 
-            if kind not in ("image", "video"):
-                raise typer.BadParameter("must be image or video", param_hint="--kind")
-            texts = list(description or [])
-            if descriptions is not None:
-                texts += read_descriptions(descriptions)
-            if not texts:
-                raise typer.BadParameter("give --description TEXT (repeatable) or --descriptions FILE")
-            blocks = [server_block(url, api_key, timeout, max_in_flight) for url in server]
-            block = blocks[0] if len(blocks) == 1 else ComfyUIServerPool.of(blocks)
-            template = workflow_from_file(workflow)
             flow = generate_content.with_options(
                 task_runner=ThreadPoolTaskRunner(max_workers=concurrency),
                 retries=flow_retries,
                 retry_delay_seconds=0,
             )
-            state = _call_flow(flow, block, template, texts, kind, character, variants, output_dir, seed_mode,
-                               base_seed, param, output_type, retries, retry_delay)
+            with display:
+                state = _call_flow(flow, block, template, texts, kind.value, character, variants, output_dir,
+                                   seed_mode, base_seed, extra_params, output_type, retries, retry_delay)
         except KeyboardInterrupt:
             raise _stopped(owner, signal.SIGINT) from None
         except TerminationSignal as exc:
@@ -125,17 +157,16 @@ def run(
     if state.is_completed():
         results = state.result()
         files = [f.path for r in results for f in r.files]
-        typer.secho(f"{len(results)} generation(s) done, {len(files)} file(s) in {output_dir}",
-                    fg=typer.colors.GREEN)
-        for path in files:
-            typer.echo(f"  {path}")
-        _point_at_report(character, kind)
+        print_end(display, output_dir=str(output_dir), files=files, done=len(results),
+                  list_files=list_files or verbose >= 1)
+        _point_at_report(character, kind.value)
         return
+    run_name = repr(display.flow_run_name) if display.flow_run_name else state.name
     if state.is_crashed() and "interrupt" in (state.message or "").lower():
-        raise fail(f"flow run {state.name}: {state.message}; our prompts were removed from the server", 130)
-    typer.secho(f"flow run {state.name}: {state.message}", fg=typer.colors.RED, err=True)
-    _point_at_report(character, kind)
-    raise typer.Exit(1)
+        raise fail(f"flow run {run_name}: {state.message}; our prompts were removed from the server", 130)
+    print_end(display, output_dir=str(output_dir), list_files=list_files or verbose >= 1)
+    _point_at_report(character, kind.value)
+    raise fail(f"flow run {run_name} failed: {state.message}", 1)
 
 
 def _stopped(owner: SignalOwner, signum: int) -> typer.Exit:
@@ -155,7 +186,7 @@ def _point_at_report(character: str, kind: str) -> None:
 
 
 def _call_flow(flow, block, template, texts, kind, character, variants, output_dir, seed_mode, base_seed,
-               param, output_type, retries, retry_delay):
+               params, output_type, retries, retry_delay):
     return flow(
         server=block,
         workflow=template,
@@ -166,7 +197,7 @@ def _call_flow(flow, block, template, texts, kind, character, variants, output_d
         output_dir=str(output_dir),
         seed_mode=seed_mode,
         base_seed=base_seed,
-        params=parse_params(param or []),
+        params=params,
         output_types=list(output_type or ["output"]),
         retries=retries,
         retry_delay_s=retry_delay,
@@ -180,16 +211,18 @@ def check(
     workflow: Optional[Path] = typer.Option(None, "--workflow", exists=True, dir_okay=False,
                                             help="Also check the workflow's nodes and choices."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="COMFYUI_API_KEY"),
+    ca_bundle: Optional[Path] = typer.Option(None, "--ca-bundle", metavar="PATH", help=CA_BUNDLE_HELP),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Check a server (GET /system_stats) and a workflow's nodes and choices (GET /object_info).
 
     Is the server reachable? Does it have every node class of the workflow, and every model or
     choice it names (a ckpt_name in its models folder, a sampler_name, ...)?
     """
-    block = server_block(server, api_key)
+    block = server_block(server, api_key, ca_bundle=ca_bundle, insecure=insecure)
     template = workflow_from_file(workflow, require_prompt=False) if workflow else None
     connection = ComfyUIHTTP(block.url, headers=block.request_headers(), verify_tls=block.verify_tls,
-                             connect_timeout_s=block.connect_timeout_s)
+                             ca_bundle=block.ca_bundle, connect_timeout_s=block.connect_timeout_s)
     try:
         stats = connection.system_stats()
         version = (stats.get("system") or {}).get("comfyui_version", "unknown version")
@@ -216,9 +249,17 @@ app.add_typer(pool_app, name="pool")
 app.command("link-blocks")(link_blocks)
 
 
-def main() -> None:
-    """Console entry point."""
-    app(prog_name="comfy-pipeline")
+def main(args: Optional[List[str]] = None) -> None:
+    """Console entry point (``args``: the command line after the program name, default
+    ``sys.argv[1:]``). Always raises ``SystemExit`` with the exit code. A usage error (an option
+    missing, unknown or out of its range) is one line on stderr and exit 2, not click's usage box."""
+    try:
+        code = app(args=args, prog_name="comfy-pipeline", standalone_mode=False)
+    except USAGE_ERRORS as exc:
+        raise SystemExit(fail(usage_line(exc), exc.exit_code).exit_code) from None
+    except typer.Abort:
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

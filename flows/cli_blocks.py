@@ -11,7 +11,7 @@ import typer
 from prefect.blocks.core import Block
 
 from ..blocks.server import ComfyUIServerPool
-from .cli_support import fail, server_block, workflow_from_file
+from .cli_support import CA_BUNDLE_HELP, INSECURE_HELP, fail, server_block, workflow_from_file
 
 workflow_app = typer.Typer(add_completion=False, no_args_is_help=True,
                            help="Save workflows as ComfyUI Workflow blocks for deployments.")
@@ -68,6 +68,10 @@ def server_save(
     max_in_flight: Optional[int] = typer.Option(None, "--max-in-flight", min=1, max=64,
                                                 help="Prompts queued or running on it at once (default 2)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds one generation may run (default 900)."),
+    ca_bundle: Optional[Path] = typer.Option(
+        None, "--ca-bundle", metavar="PATH",
+        help=CA_BUNDLE_HELP + " The path is read on the machine that runs the flow (a worker)."),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a saved block of the same name."),
 ) -> None:
     """Save a ComfyUI server (URL, API key, settings) as a ComfyUI Server block.
@@ -75,10 +79,18 @@ def server_save(
     The key is kept secret by Prefect (never shown by the API, the UI or the runs). Deployments
     and pools refer to the block by name. Saved to the Prefect API of PREFECT_API_URL.
     """
-    block = server_block(url, api_key, timeout, max_in_flight, url_option="--url")
+    # The CA bundle is checked where the block is used: a worker may keep it at a path this
+    # machine does not have. A relative path would be read from the run's working directory.
+    if ca_bundle is not None and not str(ca_bundle).startswith("~"):
+        ca_bundle = ca_bundle.absolute()
+    block = server_block(url, api_key, timeout, max_in_flight, url_option="--url", ca_bundle=ca_bundle,
+                         insecure=insecure, check_ca_bundle=False)
     where = _save(block, name, overwrite, url)
     key = "with an API key" if api_key else "without an API key"
-    typer.secho(f"saved ComfyUI Server block {name!r} ({block.url}, {key}) on {where}", fg=typer.colors.GREEN)
+    tls = (f", CA bundle {block.ca_bundle}" if block.ca_bundle else
+           ", TLS certificate not verified" if not block.verify_tls else "")
+    typer.secho(f"saved ComfyUI Server block {name!r} ({block.url}, {key}{tls}) on {where}",
+                fg=typer.colors.GREEN)
 
 
 @pool_app.command("save")

@@ -1,9 +1,12 @@
 """The ``generate-content`` flow: descriptions in, images or videos on disk, a report in the UI.
 
-One ComfyUI connection is acquired per flow run, the ``generate`` task is mapped over
-descriptions × variants on it, the connection is released in ``finally``, then the
-artifacts are written. One failed generation never stops the others; if any failed, the
-flow run ends Failed with "N of M generations failed" after the report is written.
+One ComfyUI connection is acquired per flow run, the workflow is checked against each server's
+``/object_info`` before anything is sent (``blocks/preflight.py``: a server that cannot run it is
+left out, and with none left the run stops, listing every problem), the ``generate`` task is
+mapped over descriptions × variants on it, the connection is released in ``finally``, then the
+artifacts are written. One failed generation never stops the others, except a 400 that every
+generation would meet (the workflow itself): the remaining ones then end ``not run``. If any
+failed, the flow run ends Failed with "N of M generations failed" after the report is written.
 
 Retrying a failed flow run (Prefect UI "Retry", ``prefect flow-run retry``, or the flow's
 own ``retries``) redoes only the failed generations: the plan (prompt ids, seeds) is derived
@@ -29,8 +32,11 @@ from pydantic import Field
 
 from ..blocks.errors import ComfyUIError, WorkflowError
 from ..blocks.pool import ConnectionPool
+from ..blocks.preflight import run_preflight
 from ..blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding
-from ..tasks.generate import flow_attempt, flow_attempts_prompt_ids, generate, one_line_failures
+from ..tasks.gallery import server_views
+from ..tasks.generate import (flow_attempt, flow_attempts_prompt_ids, generate, one_line_failures,
+                              with_moved_copies, workflow_params)
 from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
 from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, write_report
 from .form import ServerParameter, WorkflowParameter
@@ -122,9 +128,10 @@ class _Generations:
         future.wait()  # as_completed() may yield before the future's final state is known
         state = future.state
         if state.is_cancelled():  # the run was cancelled or stopped around this generation
-            # generate() ends such a generation as Cancelled("interrupted: ..." or "cancelled: ...")
+            # generate() ends such a generation as Cancelled("interrupted: ...", "cancelled: ..." or,
+            # when ComfyUI refused the workflow itself for another generation, "not run: ...")
             status, _, reason = (state.message or "cancelled: ").partition(": ")
-            self.outcomes[position] = Stopped("interrupted" if status == "interrupted" else "cancelled", reason)
+            self.outcomes[position] = Stopped(status if status in ("interrupted", "not run") else "cancelled", reason)
         else:
             outcome = self.outcomes[position] = future.result(raise_on_failure=False)
             if isinstance(outcome, GenerationResult) and outcome.flow_attempt < self.attempt:
@@ -165,7 +172,7 @@ def _mark_stopped(specs, outcomes: dict, connection: ConnectionPool, retries: in
         if spec.position in outcomes:
             continue
         # every attempt of this flow run and of the earlier ones: this run may have followed those
-        attempts = set(flow_attempts_prompt_ids(spec.prompt_id, attempt, retries + 1))
+        attempts = set(with_moved_copies(flow_attempts_prompt_ids(spec.prompt_id, attempt, retries + 1)))
         status = "interrupted" if attempts & interrupted else "cancelled"
         outcomes[spec.position] = Stopped(status, f"the run was {reason}")
 
@@ -232,7 +239,8 @@ def generate_content(
         the :class:`GenerationResult` of every generation, in plan order.
 
     Raises:
-        WorkflowError: the workflow file cannot be used (before anything is sent).
+        WorkflowError: the workflow file cannot be used (before anything is sent);
+            ``WorkflowNotRunnable`` when no server can run it (preflight), after writing the report.
         ServerUnreachable / AuthenticationFailed: at connect, after writing the report.
     """
     logger = get_run_logger()
@@ -252,7 +260,7 @@ def generate_content(
     settings = GenerationSettings(
         kind=kind,
         character=character,
-        output_dir=str(Path(output_dir).expanduser()),
+        output_dir=str(Path(output_dir).expanduser().absolute()),  # absolute in results and report
         descriptions=len(descriptions),
         variants=variants,
         params=dict(params or {}),
@@ -268,7 +276,7 @@ def generate_content(
     )
     facts = RunFacts(character=character, kind=kind, server_url=server.url,
                      output_dir=settings.output_dir, wall_s=0.0,
-                     attempt=flow_attempt())
+                     attempt=flow_attempt(), views=server_views(server))
     outcomes: dict[int, Outcome] = {}
     progress = ProgressReport(character, kind, len(specs))
     logger.info("%d %s generation(s) for %s: %d description(s) x %d variant(s) on %s",
@@ -280,9 +288,21 @@ def generate_content(
         facts.fatal_error = f"{type(exc).__name__}: {exc}"
         _write_report(logger, specs, outcomes, facts, began)
         return Failed(data=exc, message=str(exc))
+    try:  # before the first POST: can each server run the rendered workflow? (blocks/preflight.py)
+        run_preflight(connection, template, [workflow_params(s, settings) for s in specs], logger=logger)
+    except BaseException as exc:
+        connection.close()
+        if not isinstance(exc, ComfyUIError):
+            raise
+        logger.error("%s", exc)  # WorkflowNotRunnable: every problem of every server; nothing was sent
+        facts.fatal_error = f"{type(exc).__name__}: {exc}"
+        facts.notes += [f"Server {url} was left out: {why}" for url, why in connection.unreachable.items()]
+        _write_report(logger, specs, outcomes, facts, began)
+        return Failed(data=exc, message=str(exc))
 
     facts.client_id = ", ".join(c.client_id for c in connection.connections)
-    facts.notes += [f"Server {url} was left out: {why}" for url, why in connection.unreachable.items()]
+    facts.notes += [f"Server {url} was left out: {why}"
+                    for url, why in {**connection.unreachable, **connection.left_out}.items()]
     generations = _Generations(outcomes, progress)
     try:
         with one_line_failures():
@@ -314,12 +334,18 @@ def generate_content(
         facts.reconnects = sum(st.reconnects for st in connection.stats().values())
         facts.servers = connection.urls
         facts.outages = connection.outages()
+        not_run = sum(isinstance(o, Stopped) and o.status == "not run" for o in outcomes.values())
+        if connection.no_new_prompts and not_run:
+            facts.notes.append(f"{not_run} generation(s) were not run: {connection.no_new_prompts}.")
         _write_report(logger, specs, outcomes, facts, began, generations.reused)
 
     results = [o for o in (outcomes.get(s.position) for s in specs) if isinstance(o, GenerationResult)]
     failed = len(specs) - len(results)
     if failed:
         stopped = f"the run was {facts.stopped}: " if facts.stopped else ""
+        if not_run and not facts.stopped:  # ComfyUI refused the workflow itself: say so, not N failures
+            return Failed(message=f"{failed - not_run} of {len(specs)} generations failed and {not_run} were "
+                                  f"not run: {connection.no_new_prompts}")
         return Failed(message=f"{stopped}{failed} of {len(specs)} generations failed")
     if generations.reused:
         logger.info("%d generation(s) reused from an earlier attempt of this flow run", len(generations.reused))

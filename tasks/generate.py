@@ -11,7 +11,8 @@ for a generation. Before submitting, an attempt asks the server about the ids of
 attempts (as many task attempts per pass as the task's own ``retries`` allow); one that is still
 queued, running or already succeeded is followed (re-attached) instead of posting again, and the
 files an earlier attempt already saved with the same bytes are kept rather than written again.
-Only transient failures are retried (:func:`is_transient`).
+Only transient failures are retried (:func:`is_transient`). A 400 that every generation would
+meet (the workflow itself) stops the run's remaining generations, which end ``not run``.
 """
 
 from __future__ import annotations
@@ -30,18 +31,21 @@ from prefect.context import TaskRunContext
 from prefect.states import Cancelled, State
 
 from ..blocks.connection import ComfyUIConnection, PromptOutcome
-from ..blocks.pool import ConnectionPool
+from ..blocks.pool import ConnectionPool, moved_prompt_id
 from ..blocks.errors import (
     ComfyUIError,
     ConnectionLost,
     DownloadFailed,
     GenerationCancelled,
+    GenerationSkipped,
     GenerationTimeout,
     OutputError,
     PromptLost,
+    PromptValidationError,
     ServerError,
     ServerUnreachable,
 )
+from ..blocks.preflight import is_workflow_wide
 from ..blocks.protocol import OutputRef, PromptEvent, PromptTracker
 from ..blocks.workflow import ComfyUIWorkflow
 
@@ -54,7 +58,8 @@ def workflow_params(spec: GenerationSpec, settings: GenerationSettings) -> dict:
     """The parameters offered to the workflow's bindings for one generation.
 
     ``prompt`` and ``description`` are the description text and ``slug`` a file-name-safe
-    version of it (at most 40 characters, no ``/``, no ``..``: use it in ``filename_prefix``);
+    version of it (:func:`safe_stem`: lowercase ASCII letters, digits and dashes, at most 40
+    characters, never ending in a dash or a space: use it in ``filename_prefix``);
     ``seed``, ``character`` (and ``character_slug``), ``index``, ``variant`` (0-based) and
     ``kind`` come from the plan; the flow's extra ``params`` (e.g. ``negative_prompt``) fill
     the rest.
@@ -75,11 +80,28 @@ def workflow_params(spec: GenerationSpec, settings: GenerationSettings) -> dict:
     return params
 
 
+#: The attribute (``extra``) of the log records that mark a generation's milestones, read by a
+#: display in the same process (the CLI's, flows/cli_display.py): a dict with ``event``
+#: (``started``: ComfyUI began running it; ``retry``: it waits for its next attempt; ``done``;
+#: ``failed``: for good, not retried; ``cancelled``: with its run), ``position`` and ``total`` (the
+#: plan's order, 1-based), ``index`` and ``variant`` (0-based), ``description``; for ``done`` also
+#: ``files`` (local paths), ``cached`` and ``total_s`` (seconds), for ``failed`` ``error``
+#: (``"Type: message"``).
+MILESTONE = "generation_milestone"
+
+
+def milestone(event: str, spec: GenerationSpec, **facts) -> dict:
+    """The ``extra`` of a log call that marks milestone ``event`` of ``spec``'s generation (:data:`MILESTONE`)."""
+    return {MILESTONE: {"event": event, "position": spec.position, "total": spec.total, "index": spec.index,
+                        "variant": spec.variant, "description": spec.description, **facts}}
+
+
 class _ProgressLog:
     """Turns prompt events into the log lines users watch: ``[3/8] description 2/4, variant 1/2: ...``."""
 
     def __init__(self, logger, spec: GenerationSpec, settings: GenerationSettings):
         self.logger = logger
+        self.spec = spec
         self.prefix = (
             f"[{spec.position}/{spec.total}] description {spec.index + 1}/{settings.descriptions}, "
             f"variant {spec.variant + 1}/{settings.variants}"
@@ -91,7 +113,8 @@ class _ProgressLog:
         node = event.node
         label = f"node {node} ({tracker.node_types.get(node, '?')})" if node else ""
         if event.kind == "started":
-            self.logger.info("%s: started %.1f s after the task began (waiting for a free slot, then in ComfyUI's queue)", self.prefix, time.monotonic() - self.started)
+            self.logger.info("%s: started %.1f s after the task began (waiting for a free slot, then in ComfyUI's queue)", self.prefix, time.monotonic() - self.started,
+                             extra=milestone("started", self.spec))
         elif event.kind == "cached":
             self.logger.info("%s: %d node(s) served from ComfyUI's cache", self.prefix, len(event.nodes))
         elif event.kind == "executing":
@@ -114,8 +137,9 @@ def _num(value) -> str:
 
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying: the server or socket went away, 5xx, a lost prompt,
-    a stall past the deadline, a download that kept failing. Validation errors, node errors, interrupts and bad workflows
-    are permanent: retrying them would fail the same way."""
+    a stall past the deadline, a download that kept failing. Validation errors, node errors, interrupts, bad workflows,
+    refused credentials and untrusted certificates (:class:`CertificateNotTrusted`, not a
+    :class:`ServerUnreachable`) are permanent: retrying them would fail the same way."""
     if isinstance(exc, ServerError):
         return exc.status >= 500
     if isinstance(exc, ConnectionLost) and exc.closed_by_us:
@@ -193,6 +217,18 @@ def earlier_prompt_ids(base: str, flow_attempt: int, task_attempt: int, attempts
     return ids[::-1]
 
 
+def with_moved_copies(prompt_ids: list[str], moves: int = 2) -> list[str]:
+    """``prompt_ids`` with, before each, the ids its prompt had after moving to another server
+    (up to ``moves`` moves; see :func:`moved_prompt_id`): the copies are newer than the original."""
+    out = []
+    for prompt_id in prompt_ids:
+        chain = [prompt_id]
+        for _ in range(moves):
+            chain.append(moved_prompt_id(chain[-1]))
+        out += chain[::-1]
+    return out
+
+
 def _run_or_reattach(
     connection: ConnectionPool, prompt: dict, spec: GenerationSpec, settings: GenerationSettings,
     progress: "_ProgressLog", rerun: int,
@@ -200,12 +236,17 @@ def _run_or_reattach(
     flow_n, task_n = flow_attempt(), task_attempt()
     options = dict(on_event=progress, heartbeat_s=settings.heartbeat_s,
                    output_types=tuple(settings.output_types))
-    for earlier in earlier_prompt_ids(spec.prompt_id, flow_n, task_n, task_retries() + 1, rerun):
+    earlier_ids = with_moved_copies(earlier_prompt_ids(spec.prompt_id, flow_n, task_n, task_retries() + 1, rerun))
+    if earlier_ids:
+        connection.wait_for_a_server()  # the server that has an earlier prompt may be coming back
+    for earlier in earlier_ids:
         status, holder = connection.prompt_status(earlier)
         if holder is not None and status in ("pending", "running", "succeeded"):
             progress.logger.info("%s: prompt %s of an earlier attempt is %s on %s; following it "
                                  "instead of submitting again", progress.prefix, earlier, status, holder.url)
             return connection.run_prompt(prompt, prompt_id=earlier, on=holder, attach=True, **options)
+    # Not on any connected server; one that is away may still have it: it removes it when back.
+    connection.give_up_where_away(earlier_ids)
     current = attempt_prompt_id(spec.prompt_id, flow_n, task_n, rerun)
     return connection.run_prompt(prompt, prompt_id=current, **options)
 
@@ -298,11 +339,15 @@ def generate(
         a :class:`GenerationResult` with every file written and the durations in seconds; or a
         ``Cancelled`` state (message ``interrupted: ...`` or ``cancelled: ...``) when the run was
         cancelled or stopped while this generation waited or ran (its prompt is removed from
-        the server by the connection's ``close()``).
+        the server by the connection's ``close()``); or a ``Cancelled`` state with message
+        ``not run: ...`` when ComfyUI refused the workflow itself for another generation of the
+        run (nothing was sent for this one).
 
     Raises:
         WorkflowError: the bindings cannot be applied (nothing was sent).
-        PromptValidationError: ``POST /prompt`` answered 400.
+        PromptValidationError: ``POST /prompt`` answered 400; when every generation would meet
+            the same error (:func:`~blocks.preflight.is_workflow_wide`), the run sends no new
+            prompt (``ConnectionPool.stop_new_prompts``) and the others end ``not run``.
         NodeExecutionError / ExecutionInterrupted: the prompt failed on the server.
         GenerationTimeout: it took longer than the server's ``generation_timeout_s``.
         ConnectionLost / ServerUnreachable: the server went away.
@@ -316,18 +361,55 @@ def generate(
         return _generate(connection, workflow, spec, settings, progress, rerun)
     except GenerationCancelled as exc:
         # Not a failure of the generation: the run was cancelled or stopped around it.
-        logger.warning("%s: %s", progress.prefix, exc.reason)
+        logger.warning("%s: %s", progress.prefix, exc.reason, extra=milestone("cancelled", spec))
         return Cancelled(message=f"{'interrupted' if exc.interrupted else 'cancelled'}: {exc.reason}")
+    except GenerationSkipped as exc:
+        # Not sent: ComfyUI refused the workflow itself for another generation (the flow says so once).
+        logger.info("%s: %s", progress.prefix, exc, extra=milestone("cancelled", spec))
+        return Cancelled(message=str(exc))  # "not run: ..."
     except ComfyUIError as exc:
+        if isinstance(exc, PromptValidationError) and is_workflow_wide(exc, workflow):
+            connection.stop_new_prompts(
+                f"ComfyUI refused the workflow itself for description {spec.index + 1} variant "
+                f"{spec.variant + 1}, with an error every generation would meet (see that generation's "
+                "error); fix the workflow or its parameters and run again")
         if not (is_transient(exc) and task_attempt() <= task_retries()):
             logger.error("%s (%r) failed, prompt_id %s: %s: %s", progress.prefix, trim(spec.description),
-                         getattr(exc, "prompt_id", None) or spec.prompt_id, type(exc).__name__, exc)
+                         getattr(exc, "prompt_id", None) or spec.prompt_id, type(exc).__name__, exc,
+                         extra=milestone("failed", spec, error=f"{type(exc).__name__}: {exc}"))
         logger.debug("%s: traceback of %s", progress.prefix, type(exc).__name__, exc_info=True)
         raise
     except Exception as exc:  # not one of ours (saving files raises OutputError): a bug: keep its traceback
         logger.error("%s (%r) failed: %s: %s", progress.prefix, trim(spec.description), type(exc).__name__, exc,
-                     exc_info=True)
+                     exc_info=True, extra=milestone("failed", spec, error=f"{type(exc).__name__}: {exc}"))
         raise
+
+
+def _download(pool: ConnectionPool, server: ComfyUIConnection, ref: OutputRef, candidates,
+              *, reuse_identical: bool, settings: GenerationSettings, progress: "_ProgressLog") -> tuple[Path, int]:
+    """Download one output file (``candidates()``: the paths to try, see ``candidate_paths``).
+
+    A :class:`DownloadFailed` (``/view`` kept failing: a busy or restarting server, transfers cut)
+    is tried again here, with the same ``ref``, up to ``settings.retries`` times after
+    ``retry_delay_s`` (doubling, at least 0.5 s): ComfyUI keeps its output files across a restart,
+    but not the ``/history`` that a task retry would need to find them, so leaving it to a retry
+    could run the prompt again.
+
+    Raises:
+        DownloadFailed: still failing after the retries (the task is retried as usual).
+        OutputError: a permanent problem (see :meth:`ComfyUIConnection.download`).
+    """
+    attempt = 0
+    while True:
+        try:
+            return server.download(ref, candidates(), reuse_identical=reuse_identical or attempt > 0)
+        except DownloadFailed as exc:
+            if attempt >= settings.retries:
+                raise
+            attempt += 1
+            delay = max(retry_delay_s(settings, attempt + 1), 0.5)
+            progress.logger.warning("%s: %s Trying the download again in %.1f s.", progress.prefix, exc, delay)
+            pool.sleep(delay)
 
 
 def retry_delay_s(settings: GenerationSettings, attempt: int) -> float:
@@ -342,7 +424,8 @@ def _wait_before_retry(connection: ConnectionPool, settings: GenerationSettings,
     attempt = task_attempt()
     delay = retry_delay_s(settings, attempt)
     if delay > 0:
-        progress.logger.info("%s: retry %d of %d in %.1f s", progress.prefix, attempt - 1, task_retries(), delay)
+        progress.logger.info("%s: retry %d of %d in %.1f s", progress.prefix, attempt - 1, task_retries(), delay,
+                             extra=milestone("retry", progress.spec))
         connection.sleep(delay)
 
 
@@ -351,7 +434,17 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
     logger = progress.logger
     began = time.monotonic()
     prompt = workflow.render(workflow_params(spec, settings))
-    outcome, refs, server = _run_or_reattach(connection, prompt, spec, settings, progress, rerun)
+    finished_key = f"{spec.prompt_id}/{rerun}"
+    known = connection.finished_outputs(finished_key)
+    if known is not None:  # an earlier attempt's prompt finished; only its downloads failed
+        outcome, refs, server = known
+        logger.info("%s: prompt %s already finished on %s; downloading its files again", progress.prefix,
+                    outcome.prompt_id, server.url)
+    else:
+        outcome, refs, server = _run_or_reattach(connection, prompt, spec, settings, progress, rerun)
+        # Kept until the files are saved: a task retry downloads them again instead of asking the
+        # server's /history about the prompt (a restart wipes it; the files stay).
+        connection.remember_finished(finished_key, (outcome, refs, server))
     # A later attempt may find files an earlier one saved (then failed, or its result was lost):
     # one with the same bytes at a planned name is kept, not written again under the next name.
     # The first attempt never reuses: a file there is another run's, and each run keeps its own.
@@ -371,19 +464,22 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
         directory = output_subdir(output_dir, ref.subfolder)
         name = planned_name(settings.character, spec.index, spec.variant, ref,
                             number if len(refs) > 1 else None)
-        path, size = server.download(ref, candidate_paths(directory, name), reuse_identical=later_attempt)
+        path, size = _download(connection, server, ref, lambda: candidate_paths(directory, name),
+                               reuse_identical=later_attempt, settings=settings, progress=progress)
         if path.name != name:
             logger.warning("%s: %s already exists (another file); saved as %s", progress.prefix,
                            directory / name, path.name)
         files.append(OutputFile(path=str(path), bytes=size, node_id=ref.node_id, key=ref.key,
-                                server_filename=ref.filename, subfolder=ref.subfolder,
+                                server_filename=ref.filename, subfolder=ref.subfolder, type=ref.type,
                                 animated=ref.animated))
     download_s = time.monotonic() - download_began
+    connection.forget_finished(finished_key)
     total_s = time.monotonic() - began
     logger.info(
         "%s: done in %.1f s, %d file(s), %d bytes (queued %.1f s, executing %.1f s, download %.1f s)%s",
         progress.prefix, total_s, len(files), sum(f.bytes for f in files),
         outcome.queued_s, outcome.execution_s, download_s, ", cached" if outcome.cached else "",
+        extra=milestone("done", spec, files=[f.path for f in files], cached=outcome.cached, total_s=total_s),
     )
     return GenerationResult(
         kind=settings.kind,

@@ -55,6 +55,8 @@ class OutputFile(BaseModel):
     key: str
     server_filename: str
     subfolder: str
+    type: str = Field(default="output", description="The /view type it was listed under on the server "
+                      "(output, temp or input); with server_filename and subfolder it names the server's copy.")
     animated: bool = False
 
 

@@ -1,7 +1,8 @@
 """Where a generation's files go on disk: names, subfolders, no overwrites, no escapes.
 
 A file is saved as ``output_dir/<server subfolder>/{character}_d{index}_{variant}{ext}``
-(plus ``_{n}`` when one generation yields several files). An existing file is never
+(plus ``_{n}`` when one generation yields several files; ``{character}`` as :func:`safe_stem`
+makes it: ``Ålice Smith`` -> ``alice-smith``). An existing file is never
 overwritten: the next free name ``..._{variant}-2{ext}`` is used and logged. A later attempt of
 the same generation keeps a file with exactly the downloaded bytes where it is (tasks/generate.py).
 """
@@ -13,16 +14,20 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from slugify import slugify
+
 from ..blocks.errors import OutputError
 from ..blocks.protocol import OutputRef
 
-_UNSAFE = re.compile(r"[^\w.\- ]+", re.UNICODE)
-
 
 def safe_stem(text: str, *, max_len: int = 80) -> str:
-    """``text`` made safe as one file-name part: no path separators, control characters or ``..``."""
-    cleaned = re.sub(r"\.{2,}", ".", _UNSAFE.sub("-", text)).strip(" .-")
-    return (cleaned or "untitled")[:max_len]
+    """``text`` as one file-name part: a python-slugify slug (``Ålice Smith`` -> ``alice-smith``).
+
+    Lowercase ASCII letters, digits and single dashes only (other scripts are transliterated:
+    no path separator, control character, space or dot can remain), at most ``max_len``
+    characters, never starting or ending with a dash; ``untitled`` when nothing is left.
+    """
+    return slugify(text, max_length=max_len) or "untitled"
 
 
 def _refuse_odd(value: str, what: str) -> None:

@@ -1,17 +1,22 @@
-"""The report a person reads in the Prefect UI: table, summary and progress artifacts.
+"""The report a person reads in the Prefect UI: table, summary, gallery and progress artifacts.
 
-- table ``{character}-{kind}-generations``: one row per generation (status, prompt_id, seed,
-  durations in seconds, files, error);
-- markdown ``{character}-{kind}-summary``: totals, failures with reasons, wall time,
-  generations per minute, connection facts;
+- table ``{character}-{kind}-generations``: one row per generation, its columns in the order a
+  reader scans them (status, description, variant, seed, total_s, files, error, then the timing
+  details, server and prompt_id); errors on one line of at most :data:`ERROR_CHARS` characters;
+- markdown ``{character}-{kind}-summary``: the verdict and the failures (full error text), then
+  the totals (wall time, generations per minute, connection facts), then the servers;
+- markdown ``{character}-{kind}-gallery``: a thumbnail per generation (:mod:`.gallery`);
 - progress ``{character}-{kind}-progress``: the share of generations finished, updated live.
+
+Descriptions and variants are numbered from 1 wherever a person reads them (as in the logs);
+keys are python-slugify slugs (``Ålice`` -> ``alice``).
 """
 
 from __future__ import annotations
 
-import re
+import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 from uuid import UUID
 
 from prefect.artifacts import (
@@ -20,9 +25,13 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from slugify import slugify
 
+from .gallery import ServerView, gallery_markdown
 from .models import GenerationResult, GenerationSpec
 
+#: The table's error column holds one line of at most this many characters (the summary has it all).
+ERROR_CHARS = 120
 
 
 @dataclass(frozen=True)
@@ -41,11 +50,9 @@ Outcome = Union[GenerationResult, BaseException, Stopped]
 
 
 def artifact_key(character: str, kind: str, what: str) -> str:
-    """A valid Prefect artifact key (lowercase letters, digits, dashes) for any character name."""
-    raw = f"{character}-{kind}-{what}".lower()
-    key = re.sub(r"[^a-z0-9]+", "-", raw).strip("-")
-    key = re.sub(r"-{2,}", "-", key)
-    return key or what
+    """A valid Prefect artifact key (lowercase ASCII letters, digits, dashes) for any character
+    name: the python-slugify slug of ``{character}-{kind}-{what}`` (``Ålice`` -> ``alice-image-summary``)."""
+    return slugify(f"{character}-{kind}-{what}") or slugify(what) or "report"
 
 
 def describe_error(exc: BaseException) -> str:
@@ -54,6 +61,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def trim(text: str, limit: int = 60) -> str:
+    """``text`` on one line (whitespace runs become one space), cut to ``limit`` characters with ``…``."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -62,6 +70,12 @@ def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome],
                reused: frozenset[int] = frozenset()) -> list[dict]:
     """One row per planned generation, in plan order; ``outcomes`` is keyed by ``spec.position``.
 
+    Columns, in the order a reader scans them: ``status``, ``description`` (``"2: a blue
+    bird"``: its number from 1, then the text trimmed), ``variant`` (from 1), ``seed``,
+    ``total_s``, ``files`` (absolute paths), ``error`` (one line, at most :data:`ERROR_CHARS`
+    characters; :func:`error_texts` has it whole), then ``queued_s``, ``execution_s``,
+    ``download_s`` (seconds), ``server`` and ``prompt_id``.
+
     ``reused``: positions whose result came back from an earlier attempt of the flow run
     (status ``reused``). A spec with no outcome (the run stopped first) is ``not run``.
     """
@@ -69,22 +83,22 @@ def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome],
     for spec in specs:
         outcome = outcomes.get(spec.position)
         row = {
-            "index": spec.index,
-            "description": trim(spec.description),
-            "variant": spec.variant,
             "status": "not run",
-            "prompt_id": spec.prompt_id,
-            "server": "",
+            # "2: ...", not "2. ...": the UI renders a cell as markdown, and "2. " as a list item "1."
+            "description": f"{spec.index + 1}: {trim(spec.description)}",
+            "variant": spec.variant + 1,
             "seed": spec.seed,
-            "queued_s": None,
-            "execution_s": None,
-            "download_s": None,
             "total_s": None,
             "files": "",
             "error": "",
+            "queued_s": None,
+            "execution_s": None,
+            "download_s": None,
+            "server": "",
+            "prompt_id": spec.prompt_id,
         }
         if isinstance(outcome, Stopped):
-            row.update(status=outcome.status, error=outcome.reason)
+            row.update(status=outcome.status, error=trim(outcome.reason, ERROR_CHARS))
         elif isinstance(outcome, GenerationResult):
             row.update(
                 status="reused" if spec.position in reused else outcome.status,
@@ -94,13 +108,28 @@ def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome],
                 execution_s=outcome.execution_s,
                 download_s=outcome.download_s,
                 total_s=outcome.total_s,
-                files=", ".join(f.path for f in outcome.files),
+                files=", ".join(os.path.abspath(f.path) for f in outcome.files),
             )
         elif outcome is not None:
-            row.update(status="failed", error=describe_error(outcome),
+            row.update(status="failed", error=trim(describe_error(outcome), ERROR_CHARS),
                        prompt_id=getattr(outcome, "prompt_id", None) or spec.prompt_id)
         rows.append(row)
     return rows
+
+
+def error_texts(specs: list[GenerationSpec], outcomes: dict[int, Outcome]) -> list[str]:
+    """The whole error of each planned generation (``""`` if none), in plan order: what the
+    summary's failure list shows where the table has one cut line."""
+    texts = []
+    for spec in specs:
+        outcome = outcomes.get(spec.position)
+        if isinstance(outcome, Stopped):
+            texts.append(outcome.reason)
+        elif outcome is not None and not isinstance(outcome, GenerationResult):
+            texts.append(describe_error(outcome))
+        else:
+            texts.append("")
+    return texts
 
 
 @dataclass
@@ -128,15 +157,23 @@ class RunFacts:
     #: ``{url: [Outage, ...]}``: when each server's WebSocket was down during the run, and why
     outages: dict = field(default_factory=dict)
     #: ``(index, variant, from_url, to_url)`` of each generation that moved to another server
+    #: (``index`` and ``variant`` from 0, as in :class:`GenerationSpec`)
     moved: list[tuple[int, int, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: ``{url: ServerView}``: how the report's readers reach each server (the gallery's links)
+    views: dict[str, ServerView] = field(default_factory=dict)
 
 
-def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0) -> str:
-    """The markdown summary: totals, failures with reasons, wall time, throughput, connection.
+def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
+                     errors: Optional[Sequence[str]] = None) -> str:
+    """The markdown summary, in the order a reader needs it: the verdict (and why the run
+    stopped, if it did), the failures with their whole error text, the totals (wall time in
+    seconds, throughput, connections), then the servers and the servers lost during the run.
 
-    Generations per minute and the servers' busy time count this attempt's work only: a row
-    ``reused`` from an earlier attempt of the flow run has its own count.
+    ``errors``: the whole error of each row, in the rows' order (:func:`error_texts`); without
+    it the failure list shows the table's one-line errors. Generations per minute and the
+    servers' busy time count this attempt's work only: a row ``reused`` from an earlier attempt
+    of the flow run has its own count.
     """
     total = len(rows)
     by_status: dict[str, int] = {}
@@ -159,8 +196,21 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0) 
         lines += [f"**The run was stopped: {facts.stopped}.** Prompts still queued or running were "
                   f"removed from the server: {by_status.get('interrupted', 0)} interrupted while "
                   f"running, {by_status.get('cancelled', 0)} cancelled before they ran.", ""]
+    lines.append(headline + ".")
+    if facts.fatal_error:
+        lines += ["", "## The run could not proceed", "", facts.fatal_error]
+    failures = [(r, errors[i] if errors is not None else r["error"])
+                for i, r in enumerate(rows) if r["status"] == "failed"]
+    if failures:
+        lines += ["", "## Failures", ""]
+        for r, error in failures:
+            number = r["description"].split(":", 1)[0]
+            # continuation lines indented, so that a multi-line error stays in its list item
+            lines.append(f"- description {number}, variant {r['variant']} (prompt_id `{r['prompt_id']}`): "
+                         + "\n  ".join(error.splitlines()))
     lines += [
-        headline + ".",
+        "",
+        "## Totals",
         "",
         "| | |",
         "|---|---|",
@@ -178,7 +228,7 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0) 
         f"| wall time (this attempt) | {facts.wall_s:.1f} s |",
         f"| generations per minute (this attempt) | {per_minute:.1f} |",
         f"| files written (this attempt) | {files_written} |",
-        f"| output directory | `{facts.output_dir}` |",
+        f"| output directory | `{os.path.abspath(facts.output_dir)}` |",
         f"| ComfyUI server | {facts.server_url} |",
         f"| connections opened | {facts.connections_opened} |",
         f"| reconnects | {facts.reconnects} |",
@@ -193,16 +243,6 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0) 
             busy = sum(r["execution_s"] or 0.0 for r in mine)
             lines.append(f"| {url} | {len(mine)} | {busy:.1f} |")
     lines += lost_servers(facts.outages, facts.moved)
-    if facts.fatal_error:
-        lines += ["", "## The run could not proceed", "", facts.fatal_error]
-    failures = [r for r in rows if r["status"] == "failed"]
-    if failures:
-        lines += ["", "## Failures", ""]
-        for r in failures:
-            lines.append(
-                f"- description {r['index']} variant {r['variant']} "
-                f"(prompt_id `{r['prompt_id']}`): {r['error']}"
-            )
     for note in facts.notes:
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -225,30 +265,40 @@ def lost_servers(outages: dict, moved: list[tuple[int, int, str, str]]) -> list[
         away = [m for m in moved if m[2] == url]
         if away:
             lines.append(f"  - {len(away)} generation(s) moved from it: " + ", ".join(
-                f"description {index} variant {variant} to {to}" for index, variant, _, to in away))
+                f"description {index + 1}, variant {variant + 1} to {to}" for index, variant, _, to in away))
     return lines
 
 
 def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], facts: RunFacts,
                  reused: frozenset[int] = frozenset()) -> list[dict]:
-    """Create the table and summary artifacts for a flow run; return the table rows.
+    """Create the table, summary and gallery artifacts for a flow run; return the table rows.
 
     ``reused``: positions whose results came from an earlier attempt (see :func:`table_rows`).
+    The gallery reaches the servers as ``facts.views`` says (:func:`.gallery.server_views`).
     Must be called inside a flow run (the artifacts attach to it).
     """
     rows = table_rows(specs, outcomes, reused)
     facts.moved = [(o.index, o.variant, o.moved_from, o.server) for o in outcomes.values()
                    if isinstance(o, GenerationResult) and o.moved_from]
+    table_key = artifact_key(facts.character, facts.kind, "generations")
     create_table_artifact(
         table=rows,
-        key=artifact_key(facts.character, facts.kind, "generations"),
+        key=table_key,
         description=f"Every {facts.kind} generation for {facts.character}: status, durations (s), files, errors.",
     )
     create_markdown_artifact(
         markdown=summary_markdown(rows, facts, sum(
-            len(o.files) for p, o in outcomes.items() if isinstance(o, GenerationResult) and p not in reused)),
+            len(o.files) for p, o in outcomes.items() if isinstance(o, GenerationResult) and p not in reused),
+            errors=error_texts(specs, outcomes)),
         key=artifact_key(facts.character, facts.kind, "summary"),
         description=f"Summary of the {facts.kind} generations for {facts.character}.",
+    )
+    create_markdown_artifact(
+        markdown=gallery_markdown(specs, rows, outcomes, facts.views, character=facts.character,
+                                  kind=facts.kind, output_dir=os.path.abspath(facts.output_dir),
+                                  table_key=table_key),
+        key=artifact_key(facts.character, facts.kind, "gallery"),
+        description=f"Thumbnails of the {facts.kind} generations for {facts.character}, from the ComfyUI server.",
     )
     return rows
 

@@ -89,6 +89,11 @@ Faults (methods, thread-safe, callable at any time; :meth:`StandInComfyUI.clear_
   many bytes, keeping its magic: a private ``stDn`` PNG chunk, a RIFF ``PADD`` chunk for webp, an mp4
   ``free`` box, trailing zero bytes for the rest).  Both default to 0 and are reset by ``clear_faults()``.
 
+TLS: ``StandInComfyUI(ssl_context=ctx)`` (an :class:`ssl.SSLContext` for the server side, with its
+certificate chain loaded) serves https and wss on the same port instead, and ``url`` starts with
+``https://`` (after a :meth:`StandInComfyUI.restart` too).  A client that does not trust the
+certificate fails in the TLS handshake: its request never reaches a route, nor the records below.
+
 Records: ``executions_per_prompt_id`` (Counter: prompt id -> times the worker started it),
 ``interrupts`` (the ``prompt_id`` or None of every ``POST /interrupt`` received) and ``deletes`` (every id
 received in ``POST /queue {"delete": [...]}``, whether or not it was pending), and ``executions``
@@ -110,6 +115,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import string
 import struct
 import threading
@@ -736,6 +742,12 @@ class StandInComfyUI:
       ``Authorization: Bearer <token>`` (401 otherwise).
     * ``checkpoints`` / ``input_images`` / ``input_audio``: the combo values CheckpointLoaderSimple,
       LoadImage and LoadAudio accept (``POST /upload/image`` adds to ``input_images``).
+    * ``hidden_node_classes`` (set of class names, default empty): left out of ``/object_info`` and
+      refused by ``POST /prompt`` ("node X does not exist"), as on a server without the custom node
+      that provides them (change it while none of them is queued or running).
+    * ``input_limits`` (``{(class_type, input_name): {"min": ..., "max": ...}}``, default empty): replaces
+      those numeric limits of an input in ``/object_info`` and in ``POST /prompt``'s validation, as
+      on a server whose node accepts another range (e.g. ``{("KSampler", "seed"): {"max": 2**32 - 1}}``).
 
     Records for assertions (safe to read from the test thread): ``ws_opened``, ``ws_closed``,
     ``ws_open_now``, ``max_ws_open``, ``requests`` (Counter of ``(METHOD, route)``),
@@ -758,8 +770,10 @@ class StandInComfyUI:
         require_token: str | None = None,
         preview_frames: bool = True,
         port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         self.execution_time_s = execution_time_s
+        self.ssl_context = ssl_context  # https/wss when set (see the module docstring)
         self.progress_steps = progress_steps
         self.history_delay_s = history_delay_s
         self.require_token = require_token
@@ -767,6 +781,8 @@ class StandInComfyUI:
         self.checkpoints: list[str] = ["tiny-random-sd15.safetensors", "v1-5-pruned-emaonly.safetensors"]
         self.input_images: list[str] = ["example.png"]
         self.input_audio: list[str] = ["example.flac"]
+        self.hidden_node_classes: set[str] = set()
+        self.input_limits: dict[tuple[str, str], dict[str, Any]] = {}
 
         self.port: int = port
         self.url: str = ""
@@ -932,12 +948,12 @@ class StandInComfyUI:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
-        site = web.SockSite(runner, sock)
+        site = web.SockSite(runner, sock, ssl_context=self.ssl_context)
         await site.start()
         self._runner = runner
         self._site = site
         self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
         self._worker = asyncio.get_running_loop().create_task(self._work())
         self._up.set()
 
@@ -1312,7 +1328,7 @@ class StandInComfyUI:
                     self._up_task = None
                     return
                 await asyncio.sleep(0.05)
-        site = web.SockSite(self._runner, sock)
+        site = web.SockSite(self._runner, sock, ssl_context=self.ssl_context)
         await site.start()
         self._site = site
         with self._lock:
@@ -1392,6 +1408,13 @@ class StandInComfyUI:
         for (cls, name), values in combos.items():
             config = info[cls]["input"]["required"][name]
             config[0] = sorted(set(values))
+        for (cls, name), limits in self.input_limits.items():
+            sections = info.get(cls, {}).get("input", {})
+            config = sections.get("required", {}).get(name) or sections.get("optional", {}).get(name)
+            if config is not None:  # ["INT", {...}]
+                config[1:] = [{**(config[1] if len(config) > 1 else {}), **limits}]
+        for cls in self.hidden_node_classes:
+            info.pop(cls, None)
         return info
 
     async def _h_object_info(self, request):

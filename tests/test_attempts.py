@@ -118,20 +118,21 @@ TWO_FILES = {
 
 
 def test_a_retry_that_follows_its_finished_prompt_keeps_the_files_already_written(comfy, tmp_path):
-    """Attempt 1 writes the first of two files, then the second download fails every time; the
-    retry follows the same finished prompt and downloads both again. The first is already on disk
-    with the same bytes: it is kept, not written again as ``-2``/``-3``. A different file at a
-    planned name (someone else's) is never touched."""
+    """Attempt 1 writes the first of two files, then the second download fails, and fails again
+    when the task tries it again; the task's retry takes the same finished prompt (remembered by
+    the pool: no second POST, no look at /history) and downloads both again. The first is already
+    on disk with the same bytes: it is kept, not written again as ``-2``/``-3``. A different file
+    at a planned name (someone else's) is never touched."""
     out = tmp_path / "out"
     folder = out / "two"
     folder.mkdir(parents=True)
-    foreign = folder / "Alice_d0_0_1.png"
+    foreign = folder / "alice_d0_0_1.png"  # character "Alice" names files alice_... (a slug)
     foreign.write_bytes(b"someone else's picture")
     comfy.delay_views(0.3)  # time to arm the fault below between the two downloads
 
     def fail_the_second_download():
         _first_new_png(folder, besides=(foreign,))
-        comfy.fail_views(4, status=503)  # the download and urllib3's 3 retries of it
+        comfy.fail_views(8, status=503)  # twice: the download and urllib3's 3 retries of it
 
     watcher = _in_thread(fail_the_second_download)
     state = generate_content(
@@ -142,10 +143,11 @@ def test_a_retry_that_follows_its_finished_prompt_keeps_the_files_already_writte
     assert state.is_completed(), state.message
     (result,) = state.result()
     assert comfy.requests[("POST", "/prompt")] == 1  # the retry followed the finished prompt
-    assert comfy.requests[("GET", "/view")] == 1 + 4 + 2  # file 1; file 2 and its 3 retries; both again
-    assert sorted(Path(f.path).name for f in result.files) == ["Alice_d0_0_1-2.png", "Alice_d0_0_2.png"]
-    assert sorted(p.name for p in folder.iterdir()) == ["Alice_d0_0_1-2.png", "Alice_d0_0_1.png",
-                                                       "Alice_d0_0_2.png"]
+    # file 1; file 2 with urllib3's 3 retries, twice (in the task); the task retry: both files
+    assert comfy.requests[("GET", "/view")] == 1 + 4 + 4 + 2
+    assert sorted(Path(f.path).name for f in result.files) == ["alice_d0_0_1-2.png", "alice_d0_0_2.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["alice_d0_0_1-2.png", "alice_d0_0_1.png",
+                                                       "alice_d0_0_2.png"]
     assert foreign.read_bytes() == b"someone else's picture"
     for file in result.files:
         assert Path(file.path).read_bytes() == comfy.files[("output", file.subfolder, file.server_filename)]

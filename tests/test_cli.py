@@ -69,10 +69,13 @@ def test_run_exits_non_zero_and_says_why_when_generations_fail(comfy, tmp_path):
     )
     assert result.returncode == 1
     assert "1 of 2 generations failed" in result.output
-    # the failed generation is one line in the terminal, without Prefect's traceback
-    failure_lines = [line for line in result.output.splitlines() if "NodeExecutionError" in line]
+    # the failed generation is one line in the log, without Prefect's traceback ...
+    failure_lines = [line for line in result.stderr.splitlines() if "NodeExecutionError" in line]
     assert len(failure_lines) == 1 and "'bad [[fail]]'" in failure_lines[0], result.output
     assert "Traceback" not in result.output
+    # ... and one row of the table of failed generations at the end: description, variant, error
+    rows = [line for line in result.stdout.splitlines() if "NodeExecutionError" in line]
+    assert len(rows) == 1 and rows[0].split()[:4] == ["bad", "[[fail]]", "1/1", "NodeExecutionError:"], result.stdout
 
 
 def test_run_refuses_a_ui_format_workflow_before_contacting_anything(tmp_path):

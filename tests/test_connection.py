@@ -279,8 +279,12 @@ def test_a_prompt_whose_post_lands_after_close_is_removed_from_the_server(comfy)
     finally:
         conn.close()
     assert comfy.requests[("POST", "/prompt")] == 1
-    assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
     assert set(comfy.interrupts) | set(comfy.deletes) == set(comfy.posts_per_prompt_id)
+    # as in ComfyUI, an interrupted prompt leaves the queue a moment after /interrupt is answered
+    deadline = time.monotonic() + 5
+    while comfy.queue_snapshot() != {"queue_running": [], "queue_pending": []} and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}
 
 
 def test_api_key_is_sent_on_http_and_websocket_and_never_logged(caplog):

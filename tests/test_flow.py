@@ -38,17 +38,23 @@ def run(comfy_url: str, tmp_path: Path, descriptions, **kwargs):
 
 
 def artifacts_of(state) -> dict:
+    """The run's artifacts by the last part of their key: generations, summary, gallery, progress."""
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    return {a.type: a for a in found}
+    return {a.key.rsplit("-", 1)[-1]: a for a in found}
 
 
 def table_of(state) -> list[dict]:
-    data = artifacts_of(state)["table"].data
+    data = artifacts_of(state)["generations"].data
     return json.loads(data) if isinstance(data, str) else data
+
+
+def number(row: dict) -> int:
+    """The description number (from 1) of a table row: its description reads ``"2: a blue bird"``."""
+    return int(row["description"].split(":", 1)[0])
 
 
 def logs_of(state) -> str:
@@ -75,21 +81,26 @@ def test_eight_generations_share_one_websocket_and_land_on_disk(comfy, tmp_path)
     for result in results:
         (file,) = result.files
         path = Path(file.path)
-        assert path.name == f"Alice_d{result.index}_{result.variant}.png"
+        assert path.name == f"alice_d{result.index}_{result.variant}.png"
         assert path.parent == tmp_path / "out" / "smoke"
         assert path.read_bytes() == comfy.files[("output", "smoke", file.server_filename)]
         assert file.bytes == path.stat().st_size
         assert result.status == "completed" and result.seed is None  # the smoke workflow binds no seed
-        # the description made it into the prompt (filename_prefix binding)
-        assert descriptions[result.index].replace(" ", " ") in file.server_filename
+        # the description made it into the prompt (filename_prefix binding), as its slug
+        assert descriptions[result.index].replace(" ", "-") in file.server_filename
     # no temporary download files remain
     assert not [p for p in (tmp_path / "out").rglob("*.part")]
 
     table = table_of(state)
-    assert [(r["index"], r["variant"]) for r in table] == [(i, v) for i in range(4) for v in range(2)]
+    # the columns in the order a reader scans them; descriptions and variants numbered from 1
+    assert list(table[0]) == ["status", "description", "variant", "seed", "total_s", "files", "error",
+                              "queued_s", "execution_s", "download_s", "server", "prompt_id"]
+    assert [(r["description"], r["variant"]) for r in table] == [
+        (f"{i + 1}: {d}", v + 1) for i, d in enumerate(descriptions) for v in range(2)]
     assert {r["status"] for r in table} == {"completed"}
     assert all(r["prompt_id"] and r["queued_s"] is not None and r["execution_s"] is not None for r in table)
-    summary = artifacts_of(state)["markdown"].data
+    assert all(Path(r["files"]).is_absolute() and Path(r["files"]).is_file() for r in table)
+    summary = artifacts_of(state)["summary"].data
     assert "8 of 8 generations succeeded" in summary
     assert "| connections opened | 1 |" in summary
     progress = artifacts_of(state)["progress"]
@@ -111,13 +122,16 @@ def test_failures_are_recorded_per_generation_while_the_others_complete(comfy, t
     assert set(comfy.posts_per_prompt_id.values()) == {1}
     assert state.message == "2 of 5 generations failed"
     table = table_of(state)
-    by_index = {r["index"]: r for r in table}
-    assert by_index[1]["status"] == "failed" and by_index[1]["error"].startswith("NodeExecutionError:")
-    assert by_index[3]["status"] == "failed" and by_index[3]["error"].startswith("GenerationTimeout:")
-    assert all(by_index[i]["status"] == "completed" for i in (0, 2, 4))
+    by_number = {number(r): r for r in table}
+    assert by_number[2]["status"] == "failed" and by_number[2]["error"].startswith("NodeExecutionError:")
+    assert by_number[4]["status"] == "failed" and by_number[4]["error"].startswith("GenerationTimeout:")
+    assert all(by_number[i]["status"] == "completed" for i in (1, 3, 5))
     assert len(list((tmp_path / "out").rglob("*.png"))) == 3
-    summary = artifacts_of(state)["markdown"].data
-    assert "3 of 5 generations succeeded" in summary and "## Failures" in summary
+    summary = artifacts_of(state)["summary"].data
+    # the verdict, then the failures (numbered from 1, as in the logs), then the totals and servers
+    assert summary.index("3 of 5 generations succeeded") < summary.index("## Failures") < summary.index(
+        "## Totals") < summary.index("## Servers")
+    assert "- description 2, variant 1 (prompt_id" in summary and "- description 4, variant 1" in summary
     assert comfy.queue_snapshot() == {"queue_running": [], "queue_pending": []}  # the hung prompt was removed
     assert comfy.ws_opened == 1 and comfy.ws_open_now == 0
 
@@ -125,19 +139,22 @@ def test_failures_are_recorded_per_generation_while_the_others_complete(comfy, t
 def test_validation_failure_of_one_generation_is_reported_with_node_errors(comfy, tmp_path):
     workflow = ComfyUIWorkflow.from_dict(
         {
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0},
-                  "_meta": {"title": "Empty"}},
+            "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "v/x"}},
-            "comfy_pipeline": {"bindings": {"width": "Empty.inputs.width",
-                                            "prompt": {"path": "2.inputs.filename_prefix", "format": "v/{prompt}"}}},
+            "comfy_pipeline": {"bindings": {"prompt": "1.inputs.image"}},
         }
     )
-    # each description gets its own width through the params; one is invalid (0)
-    state = run(comfy.url, tmp_path, ["ok"], workflow=workflow, params={"width": 0})
+    # the description names the image to load, one the server does not have: LoadImage validates an
+    # annotated name ("... [output]") itself, so the preflight lets it through and POST /prompt says 400
+    # (a value the preflight can see, such as a width of 0, stops the run before: see test_preflight.py)
+    state = run(comfy.url, tmp_path, ["missing.png [output]"], workflow=workflow)
     assert state.is_failed() and state.message == "1 of 1 generations failed"
     (row,) = table_of(state)
-    assert row["error"].startswith("PromptValidationError:")
-    assert "node 1 (EmptyImage) input 'width'" in row["error"]
+    # the table has one line of at most 120 characters, the summary the whole message
+    assert row["error"].startswith("PromptValidationError:") and "\n" not in row["error"]
+    assert len(row["error"]) <= 120
+    summary = artifacts_of(state)["summary"].data
+    assert "node 1 (LoadImage) input 'image'" in summary
 
 
 def test_server_down_fails_fast_with_the_url_and_writes_the_report(tmp_path):
@@ -146,7 +163,7 @@ def test_server_down_fails_fast_with_the_url_and_writes_the_report(tmp_path):
     assert state.is_failed()
     with pytest.raises(ServerUnreachable, match=url):
         state.result()
-    summary = artifacts_of(state)["markdown"].data
+    summary = artifacts_of(state)["summary"].data
     assert "could not proceed" in summary and url in summary
 
 
@@ -167,8 +184,8 @@ def test_cached_rerun_still_returns_files_without_overwriting(comfy, tmp_path):
     (r1,), (r2,) = first.result(), second.result()
     assert r1.status == "completed" and r2.status == "cached" and r2.cached
     assert r2.files[0].server_filename == r1.files[0].server_filename  # ComfyUI served the old file
-    assert Path(r1.files[0].path).name == "Alice_d0_0.png"
-    assert Path(r2.files[0].path).name == "Alice_d0_0-2.png"  # the first file was not overwritten
+    assert Path(r1.files[0].path).name == "alice_d0_0.png"
+    assert Path(r2.files[0].path).name == "alice_d0_0-2.png"  # the first file was not overwritten
     assert Path(r1.files[0].path).read_bytes() == Path(r2.files[0].path).read_bytes()
     assert {r["status"] for r in table_of(second)} == {"cached"}
 
@@ -225,8 +242,24 @@ def test_seeds_are_bound_and_recorded(comfy, tmp_path):
 def test_artifact_keys_are_valid_for_any_character_name(comfy, tmp_path):
     state = run(comfy.url, tmp_path, ["x"], character="Zoë the 2nd / ÉLITE")
     assert state.is_completed(), state.message
-    for artifact in artifacts_of(state).values():
-        assert artifact.key and all(c.islower() or c.isdigit() or c == "-" for c in artifact.key)
+    assert sorted(a.key for a in artifacts_of(state).values()) == [
+        f"zoe-the-2nd-elite-image-{what}" for what in ("gallery", "generations", "progress", "summary")]
+    (result,) = state.result()
+    assert Path(result.files[0].path).name == "zoe-the-2nd-elite_d0_0.png"
+
+
+def test_accented_names_become_python_slugify_slugs_in_keys_and_file_names(comfy, tmp_path):
+    # its slug's 40th character would be a dash
+    state = run(comfy.url, tmp_path, ["the fox in the snow, at dusk! and more an elk at night"], character="Ålice")
+    assert state.is_completed(), state.message
+    assert {a.key for a in artifacts_of(state).values()} >= {"alice-image-summary", "alice-image-gallery"}
+    (result,) = state.result()
+    assert Path(result.files[0].path).name == "alice_d0_0.png"
+    # the slug bound into filename_prefix (smoke/{character_slug}_d{index}_v{variant}_{slug}):
+    # 40 characters at most, never ending in a dash or a space
+    slug = result.files[0].server_filename.split("_v0_", 1)[1].rsplit("_", 2)[0]  # ..._00001_.png
+    assert slug == "the-fox-in-the-snow-at-dusk-and-more-an"
+    assert result.files[0].server_filename.startswith("alice_d0_v0_")
 
 
 def test_video_smoke_workflow_downloads_an_animated_file(comfy, tmp_path):
@@ -285,7 +318,8 @@ def test_an_output_dir_that_cannot_be_written_fails_in_one_line_without_retries(
             out.chmod(0o700)
     assert state.is_failed() and state.message == "1 of 1 generations failed"
     (row,) = table_of(state)
-    assert row["error"].startswith("OutputError:") and str(out / "smoke") in row["error"], row["error"]
+    assert row["error"].startswith("OutputError:") and len(row["error"]) <= 120, row["error"]
+    assert str(out / "smoke") in artifacts_of(state)["summary"].data
     assert comfy.requests[("POST", "/prompt")] == 1  # permanent: not retried
     logs = logs_of(state)
     assert "Traceback" not in logs and "PermissionError" not in logs and "NotADirectoryError" not in logs

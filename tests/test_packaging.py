@@ -130,7 +130,7 @@ def test_wheel_holds_only_the_comfy_pipeline_namespace(wheel):
 
     assert re.search(r"(?m)^comfy-pipeline\s*=\s*comfy_pipeline\.flows\.cli:main\s*$", entry_points), entry_points
     assert re.search(r"(?m)^Name: comfy-pipeline$", metadata), metadata[:500]
-    for dep in ("prefect", "typer", "websocket-client", "requests", "pydantic"):
+    for dep in ("prefect", "typer", "websocket-client", "requests", "pydantic", "python-slugify"):
         assert re.search(rf"(?mi)^Requires-Dist: {re.escape(dep)}\b(?!.*extra ==)", metadata), \
             f"{dep} is not a runtime dependency in METADATA:\n{metadata[:3000]}"
 

@@ -62,7 +62,12 @@ def summary_of(state) -> str:
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    return sorted((a for a in found if a.type == "markdown"), key=lambda a: a.created)[-1].data
+    return sorted((a for a in found if a.key.endswith("-summary")), key=lambda a: a.created)[-1].data
+
+
+def index_of(row: dict) -> int:
+    """The 0-based index of a table row's description (the table numbers them from 1: ``"2: b"``)."""
+    return int(row["description"].split(":", 1)[0]) - 1
 
 
 def check_invariants(state, comfy, tmp_path, *, failed: dict[int, str] | None = None, queue_check=True):
@@ -71,9 +76,9 @@ def check_invariants(state, comfy, tmp_path, *, failed: dict[int, str] | None = 
     rows = table_of(state)
     assert len(rows) == 8
     for row in rows:
-        if row["index"] in failed:
+        if index_of(row) in failed:
             assert row["status"] == "failed", row
-            assert row["error"].startswith(failed[row["index"]]), row["error"]
+            assert row["error"].startswith(failed[index_of(row)]), row["error"]
             continue
         assert row["status"] in ("completed", "cached"), row
         for path in row["files"].split(", "):
@@ -222,11 +227,11 @@ def test_connection_warnings_and_failures_reach_the_flow_runs_logs_in_one_line_e
     assert f"WebSocket to {comfy.url} dropped" in text and f"WebSocket to {comfy.url} reconnected" in text
     failures = [log.message for log in shown if log.level >= 40]
     assert len(failures) == 2, failures  # one line per failed generation, no engine duplicate
-    rows = {(r["index"], r["variant"]): r for r in table_of(state)}
-    for variant in (0, 1):
-        line = next(m for m in failures if f"variant {variant + 1}/2" in m)
+    rows = {(r["description"], r["variant"]): r for r in table_of(state)}
+    for variant in (1, 2):  # the logs and the table both number from 1
+        line = next(m for m in failures if f"variant {variant}/2" in m)
         assert "description 2/4" in line and "'broken [[fail]]'" in line and "NodeExecutionError" in line
-        assert rows[(1, variant)]["prompt_id"] in line
+        assert rows[("2: broken [[fail]]", variant)]["prompt_id"] in line
     assert "Traceback" not in text
 
 
@@ -257,6 +262,30 @@ def test_a_server_down_three_times_longer_than_reconnect_timeout_is_used_again_w
     assert "## Servers lost during the run" in summary and f"- {comfy.url} down at " in summary
     assert re.search(r"back at \d\d:\d\d:\d\d UTC after [6-9]\.\d s", summary), summary
     assert comfy.ws_open_now == 0
+
+
+def test_a_download_cut_off_by_a_restart_is_fetched_again_not_run_again(comfy, tmp_path):
+    """Found by bench/soak.py: the prompt succeeded, its download kept failing, then the server
+    restarted (history gone, files kept). Handing that to a task retry ran the prompt again (it
+    found no earlier prompt in history); the download is now tried again with the same file."""
+    comfy.execution_time_s = 0.05
+    comfy.fail_views(4, status=503)  # the first download fails for good: DownloadFailed
+
+    def restart_after_the_first_view():
+        deadline = time.monotonic() + 30
+        while not comfy.requests[("GET", "/view")] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        comfy.restart(1.0)
+
+    restarter = threading.Thread(target=restart_after_the_first_view, daemon=True)
+    restarter.start()
+    state = run(comfy, tmp_path, ["a fox"], variants=1, retries=2)
+    restarter.join(10)
+    assert state.is_completed(), state.message
+    assert sum(comfy.executions_per_prompt_id.values()) == 1 and _posts(comfy) == 1
+    (result,) = state.result()
+    (file,) = result.files
+    assert Path(file.path).read_bytes() == comfy.files[("output", file.subfolder, file.server_filename)]
 
 
 def test_long_silent_node_is_waited_for_by_asking_the_server(comfy, tmp_path):
@@ -299,7 +328,15 @@ def test_a_timeout_retry_never_follows_the_prompt_it_interrupted(comfy, tmp_path
 
 def test_server_gone_for_good_fails_the_rest_with_a_named_reason(comfy, tmp_path):
     comfy.execution_time_s = 0.3
-    _later(1.0, comfy.stop)
+
+    def stop_after_the_first_success():
+        deadline = time.monotonic() + 30
+        while not comfy.requests[("GET", "/view")] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # that download is done: one generation completed, the others are lost
+        comfy.stop()
+
+    threading.Thread(target=stop_after_the_first_success, daemon=True).start()
     state = run(comfy, tmp_path, server={"reconnect_timeout_s": 2}, retries=1)
     rows = table_of(state)
     assert state.is_failed()
@@ -321,7 +358,7 @@ def test_flow_run_retry_redoes_only_the_failed_generations(comfy, tmp_path):
     first = generate_content(**params, return_state=True)
     assert first.is_failed() and first.message == "3 of 8 generations failed"
     assert comfy.requests[("POST", "/prompt")] == 8
-    rows = {r["index"]: r for r in table_of(first)}
+    rows = {index_of(r): r for r in table_of(first)}
     deleted = Path(rows[0]["files"])
     deleted.unlink()  # a completed generation whose file is gone runs again
 

@@ -39,10 +39,11 @@ def run(urls, tmp_path, server_settings=None, **kw):
 
 
 def artifacts(state) -> dict:
+    """The run's artifacts by the last part of their key: generations, summary, gallery, progress."""
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    return {a.type: a for a in found}
+    return {a.key.rsplit("-", 1)[-1]: a for a in found}
 
 
 def test_generations_are_spread_over_both_servers_within_their_bounds(two, tmp_path):
@@ -60,10 +61,11 @@ def test_generations_are_spread_over_both_servers_within_their_bounds(two, tmp_p
         owner = a if r.server == a.url else b
         assert all(open(f.path, "rb").read() == owner.files[("output", f.subfolder, f.server_filename)]
                    for f in r.files)
-    summary = artifacts(state)["markdown"].data
+    summary = artifacts(state)["summary"].data
     assert "## Servers" in summary and a.url in summary and b.url in summary
     assert "| connections opened | 2 |" in summary
-    table = json.loads(artifacts(state)["table"].data)
+    assert summary.index("## Totals") < summary.index("## Servers (this attempt)")
+    table = json.loads(artifacts(state)["generations"].data)
     assert {row["server"] for row in table} == {a.url, b.url}
 
 
@@ -89,7 +91,7 @@ def test_a_server_down_at_start_is_left_out_and_named_in_the_report(two, tmp_pat
     state = run([down, a.url], tmp_path)
     assert state.is_completed(), state.message
     assert {r.server for r in state.result()} == {a.url}
-    summary = artifacts(state)["markdown"].data
+    summary = artifacts(state)["summary"].data
     assert f"Server {down} was left out" in summary
 
 
@@ -125,7 +127,9 @@ def test_a_server_killed_for_good_hands_its_prompts_over_without_waiting_for_it(
     assert set(b.executions_per_prompt_id.values()) == {1}
     assert set((a.posts_per_prompt_id + b.posts_per_prompt_id).values()) == {1}
     assert wall < 20, wall  # the 30 s reconnect_timeout_s was never waited for
-    summary = artifacts(state)["markdown"].data
-    assert "## Servers lost during the run" in summary
+    summary = artifacts(state)["summary"].data
+    assert summary.index("## Servers (this attempt)") < summary.index("## Servers lost during the run")
     assert f"- {a.url} down at " in summary and "not back by the end of the run" in summary
     assert f"{len(moved)} generation(s) moved from it" in summary
+    # numbered from 1, as the table and the logs number them
+    assert all(f"description {r.index + 1}, variant {r.variant + 1} to {b.url}" in summary for r in moved)

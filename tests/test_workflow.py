@@ -615,9 +615,9 @@ def test_examples_load_and_render(name):
     assert "comfy_pipeline" not in out
     save = next(n for n in out.values() if n["class_type"].startswith("Save"))
     prefix = save["inputs"]["filename_prefix"]
-    # the description is visible in the server's file name, made safe for it (no '..', no '/')
+    # the description is visible in the server's file name as its slug (no '..', no '/', no space)
     folder, _, base = prefix.partition("/")
-    assert base == "Fox-Den_d3_v1_a -braced- café. description-x"
+    assert base == "fox-den_d3_v1_a-braced-cafe-description-x"
     assert ".." not in prefix and "/" not in base
     assert json.loads(json.dumps(out)) == out
 
