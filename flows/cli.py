@@ -4,7 +4,8 @@ This module only parses arguments and calls the flow (or the connection for ``ch
 ``cli_display`` shows the run in the terminal. Arguments that cannot work exit 2 in one line
 before any flow run starts.
 Without ``PREFECT_API_URL`` set, Prefect runs the flow against its temporary local API:
-no Prefect server is needed.
+no Prefect server is needed. ``--server demo`` starts the built-in stand-in ComfyUI inside the
+command (``cli_demo``): no ComfyUI is needed either.
 
 Exit codes: 0 success; 1 the server or some generations failed; 2 bad arguments or a
 workflow that cannot be used (nothing was sent); 130 / 143 interrupted by SIGINT (Ctrl-C) /
@@ -26,6 +27,7 @@ from ..blocks.errors import ComfyUIError, WorkflowError
 from ..blocks.server import ComfyUIServerPool
 from ..blocks.workflow import SeedMode, problems_on_server, require_description_binding
 from .cli_blocks import link_blocks, pool_app, server_app, workflow_app
+from .cli_demo import demo_workflow, start_demo, wants_demo
 from .cli_display import RunDisplay, print_end, quiet_prefect_console
 from .cli_signals import SignalOwner
 from .cli_support import CA_BUNDLE_HELP, INSECURE_HELP, fail, server_block, workflow_from_file
@@ -67,10 +69,13 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     server: List[str] = typer.Option(..., "--server",
-                                     help="ComfyUI base URL, e.g. http://127.0.0.1:8188 (repeat for several GPUs)."),
-    workflow: Path = typer.Option(..., "--workflow", exists=True, dir_okay=False,
-                                  help="API-format workflow JSON (with its bindings)."),
+                                     help="ComfyUI base URL, e.g. http://127.0.0.1:8188 (repeat for several GPUs); "
+                                          "'demo': a built-in stand-in ComfyUI (no model, placeholder images)."),
+    workflow: Optional[Path] = typer.Option(None, "--workflow", exists=True, dir_okay=False,
+                                            help="API-format workflow JSON (with its bindings); with --server demo "
+                                                 "the built-in smoke workflow if left out."),
     kind: Kind = typer.Option(Kind.image, "--kind", help="What the workflow makes (file names, report labels)."),
     character: str = typer.Option("character", "--character", help="Character or campaign name."),
     description: Optional[List[str]] = typer.Option(None, "--description", help="A description (repeatable)."),
@@ -116,6 +121,8 @@ def run(
     from prefect.exceptions import TerminationSignal
 
     # Everything the command can know is wrong exits 2 here, in one line, before any flow run.
+    demo = wants_demo(server)
+    workflow = demo_workflow(workflow, demo, kind.value)
     texts = list(description or [])
     if descriptions is not None:
         texts += read_descriptions(descriptions)
@@ -124,10 +131,12 @@ def run(
     extra_params = parse_params(param or [])
     seed_mode, base_seed = seeds(seed_mode, base_seed, len(texts) * variants)
     output_dir = check_output_dir(output_dir)
+    template = workflow_from_file(workflow)
+    if demo:  # running until the command ends, Ctrl-C included
+        server = [start_demo(ctx)]
     blocks = [server_block(url, api_key, timeout, max_in_flight, ca_bundle=ca_bundle,
                            insecure=insecure) for url in server]
     block = blocks[0] if len(blocks) == 1 else ComfyUIServerPool.of(blocks)
-    template = workflow_from_file(workflow)
     display = RunDisplay(total=len(texts) * variants, descriptions=len(texts), variants=variants,
                          servers=server, verbosity=verbose)
     quiet_prefect_console(verbose)  # for the rest of the process: its exit hooks log too
@@ -182,7 +191,8 @@ def _point_at_report(character: str, kind: str) -> None:
     from ..tasks.report import artifact_key
 
     typer.echo(f"report: prefect artifact inspect {artifact_key(character, kind, 'summary')}  "
-               f"(and {artifact_key(character, kind, 'generations')} for every generation)")
+               f"(and {artifact_key(character, kind, 'generations')} for every generation, "
+               f"{artifact_key(character, kind, 'gallery')} for the pictures)")
 
 
 def _call_flow(flow, block, template, texts, kind, character, variants, output_dir, seed_mode, base_seed,
@@ -207,7 +217,9 @@ def _call_flow(flow, block, template, texts, kind, character, variants, output_d
 
 @app.command()
 def check(
-    server: str = typer.Option(..., "--server", help="ComfyUI base URL."),
+    ctx: typer.Context,
+    server: str = typer.Option(..., "--server",
+                               help="ComfyUI base URL; 'demo': the built-in stand-in ComfyUI (no model)."),
     workflow: Optional[Path] = typer.Option(None, "--workflow", exists=True, dir_okay=False,
                                             help="Also check the workflow's nodes and choices."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="COMFYUI_API_KEY"),
@@ -219,8 +231,11 @@ def check(
     Is the server reachable? Does it have every node class of the workflow, and every model or
     choice it names (a ckpt_name in its models folder, a sampler_name, ...)?
     """
-    block = server_block(server, api_key, ca_bundle=ca_bundle, insecure=insecure)
+    demo = wants_demo([server])
     template = workflow_from_file(workflow, require_prompt=False) if workflow else None
+    if demo:
+        server = start_demo(ctx)
+    block = server_block(server, api_key, ca_bundle=ca_bundle, insecure=insecure)
     connection = ComfyUIHTTP(block.url, headers=block.request_headers(), verify_tls=block.verify_tls,
                              ca_bundle=block.ca_bundle, connect_timeout_s=block.connect_timeout_s)
     try:

@@ -1,7 +1,8 @@
 """The built wheel, installed for real into a fresh virtualenv next to a foreign top-level ``tasks``.
 
-The repository keeps ``blocks/``, ``tasks/`` and ``flows/`` at its root and pyproject.toml installs
-them as ``comfy_pipeline.blocks``, ``comfy_pipeline.tasks`` and ``comfy_pipeline.flows``. These
+The repository keeps ``blocks/``, ``tasks/``, ``flows/`` and ``testing/`` at its root and pyproject.toml
+installs them as ``comfy_pipeline.blocks``, ``comfy_pipeline.tasks``, ``comfy_pipeline.flows`` and
+``comfy_pipeline.testing`` (the stand-in ComfyUI with the JSON files it reads). These
 tests build the wheel (not editable) from a copy of the repository, check that nothing but
 ``comfy_pipeline/`` and its ``.dist-info/`` lands in site-packages, and install it into a new
 virtualenv beside a dummy distribution that owns a top-level ``tasks`` package: both must import
@@ -30,7 +31,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST_NAME = "comfy-pipeline"
-SUBPACKAGES = {"blocks": "comfy_pipeline.blocks", "tasks": "comfy_pipeline.tasks", "flows": "comfy_pipeline.flows"}
+SUBPACKAGES = {"blocks": "comfy_pipeline.blocks", "tasks": "comfy_pipeline.tasks", "flows": "comfy_pipeline.flows",
+               "testing": "comfy_pipeline.testing"}
 
 # Not copied for the build: VCS data, virtualenvs (CI's .ci-venv lives in the repository root),
 # earlier build output and caches.
@@ -77,7 +79,7 @@ def _explain(proc: subprocess.CompletedProcess) -> str:
 
 
 def _source_files() -> dict[str, str]:
-    """Wheel path -> repository path of every file under the three package folders."""
+    """Wheel path -> repository path of every file under the package folders."""
     files = {}
     for folder, package in SUBPACKAGES.items():
         for path in sorted((ROOT / folder).rglob("*")):
@@ -119,20 +121,24 @@ def test_wheel_holds_only_the_comfy_pipeline_namespace(wheel):
     for package in SUBPACKAGES.values():
         assert f"{package.replace('.', '/')}/__init__.py" in names, f"{package} missing from {sorted(names)}"
 
-    # Every file of the three folders ships (a data file or py.typed would be dropped silently
-    # without package-data), and nothing else does.
+    # Every file of the package folders ships (a data file, such as the stand-in's JSON, would be
+    # dropped silently without package-data), and nothing else does.
     expected = _source_files()
     shipped = {n for n in names if n.startswith("comfy_pipeline/")}
     missing = sorted(f"{expected[n]} (as {n})" for n in set(expected) - shipped)
     assert not missing, f"repository files missing from {wheel.name}: {missing}"
     extra = sorted(shipped - set(expected))
-    assert not extra, f"files in {wheel.name} that are not in blocks/, tasks/ or flows/: {extra}"
+    assert not extra, f"files in {wheel.name} that are not in {', '.join(SUBPACKAGES)}: {extra}"
 
     assert re.search(r"(?m)^comfy-pipeline\s*=\s*comfy_pipeline\.flows\.cli:main\s*$", entry_points), entry_points
     assert re.search(r"(?m)^Name: comfy-pipeline$", metadata), metadata[:500]
     for dep in ("prefect", "typer", "websocket-client", "requests", "pydantic", "python-slugify"):
         assert re.search(rf"(?mi)^Requires-Dist: {re.escape(dep)}\b(?!.*extra ==)", metadata), \
             f"{dep} is not a runtime dependency in METADATA:\n{metadata[:3000]}"
+    # The stand-in's aiohttp comes with the `demo` extra (--server demo), never with a plain install.
+    assert re.search(r"(?m)^Provides-Extra: demo$", metadata), metadata[:3000]
+    assert re.search(r"(?mi)^Requires-Dist: aiohttp\b.*extra == .demo.", metadata), metadata[:3000]
+    assert not re.search(r"(?mi)^Requires-Dist: aiohttp\b(?!.*extra ==)", metadata), metadata[:3000]
 
 
 # Run inside the fresh virtualenv: where did everything come from?
