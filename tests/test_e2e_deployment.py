@@ -392,7 +392,9 @@ def test_cancelling_a_manual_run_removes_its_prompts_and_says_so(
         deployed: Stack, comfy_e2e: StandInComfyUI, tmp_path, api_key):
     stack, comfy = deployed, comfy_e2e
     # Slow generations: 6 of them at 4 s each, at most 2 in flight (the server block's default).
-    comfy.execution_time_s, comfy.progress_steps = 4.0, 8
+    # long prompts (interruptible every 0.5 s): on a loaded machine `prefect flow-run cancel` may
+    # take several seconds to start, and the first prompt must still be running when it lands
+    comfy.execution_time_s, comfy.progress_steps = 12.0, 24
     comfy.reset_counters()
     try:
         flow_run_id = stack.run_manual({"descriptions": ["slow one", "slow two", "slow three"],
@@ -437,6 +439,7 @@ def test_cancelling_a_manual_run_removes_its_prompts_and_says_so(
         rows = json.loads(table) if isinstance(table, str) else table
         statuses = sorted(r["status"] for r in rows)
         assert "interrupted" in statuses and set(statuses) <= {"interrupted", "cancelled"}, statuses
+
         # the generations that were waiting end Cancelled: no failure, no retry of a cancelled one
         with stack.client() as client:
             task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
