@@ -157,8 +157,10 @@ def run(
                 state = _call_flow(flow, block, template, texts, kind.value, character, variants, output_dir,
                                    seed_mode, base_seed, extra_params, output_type, retries, retry_delay)
         except KeyboardInterrupt:
+            _point_at_report(character, kind.value)  # the flow wrote it, saying the run was stopped
             raise _stopped(owner, signal.SIGINT) from None
         except TerminationSignal as exc:
+            _point_at_report(character, kind.value)
             raise _stopped(owner, exc.signal) from None
         stop = owner.stop()
         if stop is not None:  # the flow returned though its interrupt was lost: the sweep ended it
@@ -190,7 +192,7 @@ def _stopped(owner: SignalOwner, signum: int) -> typer.Exit:
 def _point_at_report(character: str, kind: str) -> None:
     from ..tasks.report import artifact_key
 
-    typer.echo(f"report: prefect artifact inspect {artifact_key(character, kind, 'summary')}  "
+    typer.echo(f"report: prefect artifact inspect {artifact_key(character, kind, 'summary')} --limit 1  "
                f"(and {artifact_key(character, kind, 'generations')} for every generation, "
                f"{artifact_key(character, kind, 'gallery')} for the pictures)")
 

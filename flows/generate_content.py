@@ -304,8 +304,9 @@ def generate_content(
     facts.notes += [f"Server {url} was left out: {why}"
                     for url, why in {**connection.unreachable, **connection.left_out}.items()]
     generations = _Generations(outcomes, progress)
-    try:
-        with one_line_failures():
+    # Until the report is written: the engine's late records of cancelled task runs too.
+    with one_line_failures():
+        try:
             generations.run(task, connection, template, specs, settings)
             # A completed generation whose files were deleted since (a result that came back from
             # an earlier attempt of this flow run, or files removed during this one): run it again,
@@ -317,27 +318,27 @@ def generate_content(
                 logger.warning("%d completed generation(s) lost files on disk; running them again", len(stale))
                 generations.run(task.with_options(refresh_cache=True), connection, template, stale, settings,
                                 rerun=1)
-    except BaseException as exc:  # cancelled from the UI or CLI (SIGTERM), Ctrl-C, a crash
-        facts.stopped = _stop_reason(exc)
-        logger.warning("the run was %s: removing our prompts from the server", facts.stopped)
-        raise
-    finally:
-        # Also on failure or cancellation: prompts still in flight are removed from the server.
-        connection.close()
-        # Closed from outside (ConnectionPool.close_all: the CLI got SIGINT or SIGTERM) while the
-        # interrupt itself never reached this thread: the generations ended Cancelled, the run stopped.
-        facts.stopped = facts.stopped or connection.stopped_because
-        if facts.stopped:
-            generations.harvest(within_s=3.0)
-            _mark_stopped(specs, outcomes, connection, retries, facts.stopped)
-        facts.connections_opened = sum(st.connections_opened for st in connection.stats().values())
-        facts.reconnects = sum(st.reconnects for st in connection.stats().values())
-        facts.servers = connection.urls
-        facts.outages = connection.outages()
-        not_run = sum(isinstance(o, Stopped) and o.status == "not run" for o in outcomes.values())
-        if connection.no_new_prompts and not_run:
-            facts.notes.append(f"{not_run} generation(s) were not run: {connection.no_new_prompts}.")
-        _write_report(logger, specs, outcomes, facts, began, generations.reused)
+        except BaseException as exc:  # cancelled from the UI or CLI (SIGTERM), Ctrl-C, a crash
+            facts.stopped = _stop_reason(exc)
+            logger.warning("the run was %s: removing our prompts from the server", facts.stopped)
+            raise
+        finally:
+            # Also on failure or cancellation: prompts still in flight are removed from the server.
+            connection.close()
+            # Closed from outside (ConnectionPool.close_all: the CLI got SIGINT or SIGTERM) while the
+            # interrupt itself never reached this thread: the generations ended Cancelled, the run stopped.
+            facts.stopped = facts.stopped or connection.stopped_because
+            if facts.stopped:
+                generations.harvest(within_s=3.0)
+                _mark_stopped(specs, outcomes, connection, retries, facts.stopped)
+            facts.connections_opened = sum(st.connections_opened for st in connection.stats().values())
+            facts.reconnects = sum(st.reconnects for st in connection.stats().values())
+            facts.servers = connection.urls
+            facts.outages = connection.outages()
+            not_run = sum(isinstance(o, Stopped) and o.status == "not run" for o in outcomes.values())
+            if connection.no_new_prompts and not_run:
+                facts.notes.append(f"{not_run} generation(s) were not run: {connection.no_new_prompts}.")
+            _write_report(logger, specs, outcomes, facts, began, generations.reused)
 
     results = [o for o in (outcomes.get(s.position) for s in specs) if isinstance(o, GenerationResult)]
     failed = len(specs) - len(results)

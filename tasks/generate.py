@@ -360,8 +360,9 @@ def generate(
         _wait_before_retry(connection, settings, progress)
         return _generate(connection, workflow, spec, settings, progress, rerun)
     except GenerationCancelled as exc:
-        # Not a failure of the generation: the run was cancelled or stopped around it.
-        logger.warning("%s: %s", progress.prefix, exc.reason, extra=milestone("cancelled", spec))
+        # Not a failure of the generation: the run was cancelled or stopped around it (the flow says
+        # so once, as a warning; one line per generation at INFO).
+        logger.info("%s: %s", progress.prefix, exc.reason, extra=milestone("cancelled", spec))
         return Cancelled(message=f"{'interrupted' if exc.interrupted else 'cancelled'}: {exc.reason}")
     except GenerationSkipped as exc:
         # Not sent: ComfyUI refused the workflow itself for another generation (the flow says so once).
