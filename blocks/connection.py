@@ -303,8 +303,7 @@ class ComfyUIConnection:
         if up and waiters:
             self._log.warning("checking %d prompt(s) in flight on %s", len(waiters), self.url)
         if moved:
-            threading.Thread(target=self._remove_moved, args=(moved,), daemon=True,
-                             name=f"comfyui-cleanup-{self.client_id[:8]}").start()
+            self._remove_moved_in_background(moved)
 
     def remove_when_reachable(self, prompt_id: str, *, now: bool = True) -> None:
         """Give up a prompt of ours that may still be on this server (it moved to another server,
@@ -314,9 +313,12 @@ class ComfyUIConnection:
         self.abandoned_prompts.add(prompt_id)
         with self._lock:
             self._moved.add(prompt_id)
-        if not now:
-            return
-        threading.Thread(target=self._remove_moved, args=({prompt_id},), daemon=True,
+        if now:
+            self._remove_moved_in_background({prompt_id})
+
+    def _remove_moved_in_background(self, prompt_ids: set[str]) -> None:
+        """:meth:`_remove_moved` in its own thread (it makes HTTP requests: never in the reader's)."""
+        threading.Thread(target=self._remove_moved, args=(prompt_ids,), daemon=True,
                          name=f"comfyui-cleanup-{self.client_id[:8]}").start()
 
     def _remove_moved(self, prompt_ids: set[str]) -> None:

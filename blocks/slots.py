@@ -35,10 +35,6 @@ class Slots:
         """Slots free now (``capacity`` minus those taken)."""
         return self.capacity - self._taken
 
-    @property
-    def taken(self) -> int:
-        return self._taken
-
     def try_take(self) -> bool:
         """Take a slot if one is free, without waiting."""
         with self.condition:
