@@ -35,6 +35,7 @@ from .errors import (
     ServerUnreachable,
 )
 from .http_api import ComfyUIHTTP
+from .inputs import InputImages
 from .protocol import OutputRef, PromptEvent, PromptTracker, outputs_from_history, prompt_id_of, queue_remaining_of
 from .slots import Slots
 from .transport import ConnectionStats, WebSocketTransport
@@ -171,6 +172,8 @@ class ComfyUIConnection:
         self.http = ComfyUIHTTP(self.url, headers=headers, verify_tls=verify_tls, ca_bundle=ca_bundle,
                                 connect_timeout_s=connect_timeout_s, http_timeout_s=http_timeout_s,
                                 logger=self._log)
+        #: what this server calls each input image of the run (uploaded once per content and subfolder)
+        self.input_images = InputImages(self.url, self.http)
         self.transport = WebSocketTransport(
             self.url, self.client_id, headers=dict(headers or {}), verify_tls=verify_tls,
             ca_bundle=self.http.ca_bundle, connect_timeout_s=connect_timeout_s, keepalive_s=keepalive_s,
@@ -366,6 +369,11 @@ class ComfyUIConnection:
         self.slots.take(self._check_usable)
         return True
 
+    def give_back_slot(self) -> None:
+        """Give back a slot taken with :meth:`reserve_slot` that no prompt used (preparing the
+        prompt for this server failed before its POST)."""
+        self.slots.give_back()
+
     def _check_usable(self) -> None:
         if self._closed:  # also when a slot is free: nothing may start after close()
             raise GenerationCancelled(self.url)
@@ -407,6 +415,7 @@ class ComfyUIConnection:
         prompt_id: Optional[str] = None,
         extra_data: Optional[Mapping[str, Any]] = None,
         reserved: bool = False,
+        front: bool = False,
     ) -> str:
         """``POST /prompt`` with this connection's ``client_id`` and a client-chosen ``prompt_id``.
 
@@ -414,7 +423,9 @@ class ComfyUIConnection:
         If the POST fails in transport (an ambiguous submit: it may have arrived), the server
         is asked whether it has the ``prompt_id``; if it has, the prompt is kept, not re-sent.
         ``reserved``: the caller already holds one of this connection's in-flight slots
-        (:meth:`reserve_slot`); it is given back when the prompt finishes.
+        (:meth:`reserve_slot`); it is given back when the prompt finishes. ``front``: ComfyUI's
+        ``"front": true``, the prompt goes before every pending one in the server's queue (the
+        latest such prompt first).
 
         Returns:
             the ``prompt_id`` (a uuid4 string unless one was given).
@@ -431,6 +442,8 @@ class ComfyUIConnection:
         body: dict[str, Any] = {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id}
         if extra_data:
             body["extra_data"] = dict(extra_data)
+        if front:
+            body["front"] = True
         frames_before = self.transport.text_frames()
         try:
             answer = self.http.post_prompt(body)
@@ -710,6 +723,7 @@ class ComfyUIConnection:
         heartbeat_s: float = 30.0,
         output_types: Optional[tuple[str, ...]] = ("output",),
         reserved: bool = False,
+        front: bool = False,
     ) -> tuple[PromptOutcome, list[OutputRef]]:
         """Submit (or, with ``attach``, follow an existing ``prompt_id``), wait, list outputs.
 
@@ -727,7 +741,7 @@ class ComfyUIConnection:
                 raise ValueError("attach needs the prompt_id to follow")
             self.attach(prompt_id, prompt, reserved=reserved)
         else:
-            prompt_id = self.submit(prompt, prompt_id=prompt_id, reserved=reserved)
+            prompt_id = self.submit(prompt, prompt_id=prompt_id, reserved=reserved, front=front)
         outcome = self.wait(prompt_id, timeout_s=timeout_s, on_event=on_event, heartbeat_s=heartbeat_s)
         entry = self.wait_for_history(prompt_id)
         return outcome, outputs_from_history(entry, output_types)

@@ -82,6 +82,18 @@ class WorkflowError(ComfyUIError):
     """The workflow file or its bindings cannot be used; nothing was sent to the server."""
 
 
+class InputImageError(WorkflowError):
+    """An input image (``--input KEY=PATH``, the flow's ``inputs``, a descriptions file's column)
+    cannot be used: missing, unreadable, or not an image. Found before anything is sent."""
+
+    def __init__(self, name: str, path: str, reason: str):
+        self.name = name
+        self.path = path
+        self.reason = reason
+        super().__init__(f"input image {name!r} ({path}) {reason}: give the path of a PNG, JPEG, WebP, GIF, "
+                         "BMP or TIFF file that the machine running the flow can read")
+
+
 class WorkflowNotRunnable(WorkflowError):
     """The preflight (``blocks/preflight.py``) found that no server of the run can run the
     rendered workflow, by its ``/object_info``; nothing was sent. Never retried.

@@ -48,6 +48,14 @@ GET_RETRIES = Retry(total=3, connect=3, read=0, status=3, other=0, backoff_facto
                     raise_on_status=False)
 
 
+#: urllib3's retries for ``POST /upload/image``: sending the same file again is harmless (ComfyUI
+#: keeps one copy of identical bytes under one name), so besides a failed connect it is retried on
+#: a dropped transfer (a read error) and on 500/502/503/504, with backoff 0.2, 0.4, 0.8 s.
+UPLOAD_RETRIES = Retry(total=3, connect=3, read=3, status=3, other=0, backoff_factor=0.2,
+                       status_forcelist=(500, 502, 503, 504), allowed_methods=frozenset({"POST"}),
+                       raise_on_status=False)
+
+
 class _RetriesAtDebug(logging.Filter):
     """urllib3 logs every retry of a request at WARNING ("Retrying (Retry(total=2, ...)) after
     connection broken by ..."); what matters (the request failed in the end) is reported by us in
@@ -112,6 +120,8 @@ class ComfyUIHTTP:
         adapter = HTTPAdapter(max_retries=GET_RETRIES)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
+        # the longest matching prefix wins: uploads get their own retries, same session otherwise
+        self._session.mount(f"{self.url}/upload/", HTTPAdapter(max_retries=UPLOAD_RETRIES))
         self._session.headers.update(dict(headers or {}))
         self._session.verify = self._verify
         if not verify_tls and urlsplit(self.url).scheme == "https":
@@ -209,6 +219,31 @@ class ComfyUIHTTP:
         if not isinstance(answer, dict):
             raise ServerError("POST", f"{self.url}/prompt", response.status_code,
                               f"not a ComfyUI answer (a proxy page?): {response.text[:200]}")
+        return answer
+
+    def upload_image(self, data: bytes, filename: str, *, subfolder: str = "", kind: str = "input",
+                     content_type: str = "image/png", overwrite: bool = False) -> dict:
+        """``POST /upload/image`` (multipart: the file in field ``image``, then ``type``,
+        ``subfolder`` and, with ``overwrite``, ``overwrite=true``).
+
+        Without ``overwrite`` ComfyUI keeps an existing file of that name: it answers the same
+        name when the bytes are the same, else a new one (``name (1).png``). Retried on failed
+        connects, dropped transfers and 5xx (:data:`UPLOAD_RETRIES`).
+
+        Returns:
+            the server's answer ``{"name", "subfolder", "type"}``: bind that name, not ``filename``.
+
+        Raises:
+            ServerError: any non-200 answer (413: larger than the server's max upload size;
+                400: the server refused the name or subfolder) or an answer without ``name``.
+            ServerUnreachable / AuthenticationFailed: as for every request.
+        """
+        fields = {"type": kind, "subfolder": subfolder}
+        if overwrite:
+            fields["overwrite"] = "true"
+        answer = self.json("POST", "/upload/image", files={"image": (filename, data, content_type)}, data=fields)
+        if not isinstance(answer, dict) or not isinstance(answer.get("name"), str):
+            raise ServerError("POST", f"{self.url}/upload/image", 200, f"not a ComfyUI answer: {str(answer)[:200]}")
         return answer
 
     def delete_pending(self, prompt_id: str) -> None:

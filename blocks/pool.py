@@ -9,6 +9,12 @@ removed from it when it answers again), and it is used again as soon as it is ba
 that cannot run the workflow is left out before anything is sent (``leave_out``, by the
 preflight), and once ComfyUI refused the workflow itself the pool sends no new prompt
 (``stop_new_prompts``).
+
+Who gets the next free slot: a prompt moving away from an unreachable server first, then
+generations of a later stage before those of an earlier one (``priority``: an image-to-video
+run's videos before its remaining images, so that each video follows its image instead of
+waiting for every image). A generation may ``prefer`` a server (the one that made its input
+image, which then needs no upload): it takes that server's slot when one is free there.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 import uuid
 import weakref
 from collections import Counter
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from .connection import ComfyUIConnection, PromptOutcome, PromptStatus
 from .errors import (ComfyUIError, ConnectionLost, GenerationCancelled, GenerationSkipped, PromptMoved,
@@ -29,6 +35,8 @@ from .server import ComfyUIServer, ComfyUIServerPool
 
 module_logger = logging.getLogger("comfy_pipeline.pool")
 Logger = Union[logging.Logger, logging.LoggerAdapter]
+#: A prompt, or what makes it for the server that will run it (its input images named there).
+PromptFor = Union[Mapping[str, Any], Callable[[ComfyUIConnection], Mapping[str, Any]]]
 
 
 def moved_prompt_id(prompt_id: str) -> str:
@@ -59,6 +67,7 @@ class ConnectionPool:
         self._log = logger or module_logger
         self._closed = threading.Event()
         self._moving = 0  # prompts moving away from an unreachable server: served before new work
+        self._waiting: Counter = Counter()  # priority -> checkouts waiting for a slot (see checkout)
         self._finished: dict[str, tuple] = {}  # see remember_finished
         for connection in self.connections:
             connection.can_fail_over = self._can_fail_over
@@ -207,21 +216,36 @@ class ConnectionPool:
     def urls(self) -> list[str]:
         return [c.url for c in self.connections]
 
-    def checkout(self, *, exclude: Optional[ComfyUIConnection] = None) -> ComfyUIConnection:
-        """Take a slot for a new prompt (see :meth:`_checkout`); a prompt moving away from
-        ``exclude`` (unreachable) gets the next free slot before any new prompt."""
-        if exclude is None:
-            return self._checkout(None)
+    def checkout(self, *, exclude: Optional[ComfyUIConnection] = None, priority: int = 0,
+                 prefer: Optional[str] = None) -> ComfyUIConnection:
+        """Take a slot for a new prompt (see :meth:`_checkout`).
+
+        A prompt moving away from ``exclude`` (unreachable) gets the next free slot before any
+        new prompt; among new prompts, a higher ``priority`` goes first. ``prefer``: the URL of
+        the server to take when it has a free slot (else the best other one).
+        """
         with self._cond:
-            self._moving += 1
+            if exclude is not None:
+                self._moving += 1
+            else:
+                self._waiting[priority] += 1
         try:
-            return self._checkout(exclude)
+            return self._checkout(exclude, priority, prefer)
         finally:
             with self._cond:
-                self._moving -= 1
+                if exclude is not None:
+                    self._moving -= 1
+                else:
+                    self._waiting[priority] -= 1
                 self._cond.notify_all()
 
-    def _checkout(self, exclude: Optional[ComfyUIConnection]) -> ComfyUIConnection:
+    def _first_in_line(self, exclude: Optional[ComfyUIConnection], priority: int) -> bool:
+        if exclude is not None:
+            return True
+        return not self._moving and not any(n > 0 for p, n in self._waiting.items() if p > priority)
+
+    def _checkout(self, exclude: Optional[ComfyUIConnection], priority: int = 0,
+                  prefer: Optional[str] = None) -> ComfyUIConnection:
         """Wait for a free in-flight slot on a server whose WebSocket is up; take it on the best one.
 
         While no server of the pool is connected (a restart, a proxy), it waits for one to come
@@ -245,10 +269,9 @@ class ConnectionPool:
                 if not live:
                     raise ConnectionLost(", ".join(self.urls), "no server of the pool is usable any more")
                 connected = [c for c in live if c.connected]
-                first_in_line = exclude is not None or not self._moving
-                free = [c for c in connected if c.free_slots > 0] if first_in_line else []
+                free = [c for c in connected if c.free_slots > 0] if self._first_in_line(exclude, priority) else []
                 if free:
-                    best = max(free, key=lambda c: (c.free_slots,
+                    best = max(free, key=lambda c: (c.url == prefer, c.free_slots,
                                                     -(c.stats.last_queue_remaining or 0),
                                                     -self._assigned[c.url]))
                     if best.reserve_slot(block=False):  # under the shared condition: it cannot be full
@@ -343,14 +366,21 @@ class ConnectionPool:
 
     def run_prompt(
         self,
-        prompt: Mapping[str, Any],
+        prompt: PromptFor,
         *,
         prompt_id: str,
         on: Optional[ComfyUIConnection] = None,
         attach: bool = False,
+        priority: int = 0,
+        prefer: Optional[str] = None,
         **options: Any,
     ) -> tuple[PromptOutcome, list[OutputRef], ComfyUIConnection]:
         """Run (or, with ``attach`` and ``on``, follow) a prompt on the best server.
+
+        ``prompt`` is the prompt, or a function that makes it for the server that got the slot
+        (it names the prompt's input images there, uploading them if needed: see
+        ``blocks/inputs.py``); it is called again for the server a prompt moves to.
+        ``priority`` and ``prefer``: see :meth:`checkout`.
 
         A prompt whose server stays unreachable for ``failover_after_s`` while another server
         has a free slot is run again there under a new ``prompt_id`` (uuid5 of the old one); the
@@ -360,17 +390,23 @@ class ConnectionPool:
             ``(outcome, refs, connection)``; download the refs from ``connection``.
 
         Raises:
-            everything :meth:`ComfyUIConnection.run_prompt` raises.
+            everything :meth:`ComfyUIConnection.run_prompt` raises, and what ``prompt`` raises
+            (an upload that failed: the slot is given back, nothing was posted).
         """
         if on is not None:
             on.reserve_slot()
             connection = on
         else:
-            connection = self.checkout()
+            connection = self.checkout(priority=priority, prefer=prefer)
         moved_from: Optional[str] = None
         while True:
             try:
-                outcome, refs = connection.run_prompt(prompt, prompt_id=prompt_id, attach=attach, reserved=True,
+                body = prompt(connection) if callable(prompt) else prompt
+            except BaseException:
+                connection.give_back_slot()
+                raise
+            try:
+                outcome, refs = connection.run_prompt(body, prompt_id=prompt_id, attach=attach, reserved=True,
                                                       **options)
             except PromptMoved as moved:
                 target = self.checkout(exclude=connection)

@@ -239,15 +239,19 @@ class PlanCheck:
     Args:
         workflow: the template with its bindings.
         params_list: the parameters of every generation, in plan order (non-empty).
+        unchecked: parameters whose inputs are not checked: input images, whose name on each
+            server is known only once they are uploaded there (``LoadImage`` checks them itself).
 
     Raises:
         WorkflowError: a binding cannot be applied to the parameters (from ``render``).
     """
 
-    def __init__(self, workflow: "ComfyUIWorkflow", params_list: Sequence[Mapping[str, Any]]):
+    def __init__(self, workflow: "ComfyUIWorkflow", params_list: Sequence[Mapping[str, Any]],
+                 unchecked: Sequence[str] = ()):
         if not params_list:
             raise ValueError("PlanCheck needs the parameters of at least one generation")
         self.first = workflow.render(params_list[0])
+        self.unchecked = frozenset(workflow.bound_inputs(unchecked)) if unchecked else frozenset()
         self.labels = [_label(params, n) for n, params in enumerate(params_list)]
         # Every value each bound input takes, with the generations that send it; inputs whose
         # value is the same for every generation stay in the first prompt's check.
@@ -258,11 +262,13 @@ class PlanCheck:
                     takes[key].setdefault(value, []).append(number)
                 except TypeError:  # unhashable (a list or dict given in params): the first prompt has it
                     continue
-        self.varying = {key: values for key, values in takes.items() if len(values) > 1}
+        self.varying = {key: values for key, values in takes.items()
+                        if len(values) > 1 and key not in self.unchecked}
 
     def problems(self, object_info: Mapping[str, Any]) -> list[str]:
         """Every problem a server with this ``/object_info`` has with the run, one sentence each."""
-        found = [str(p) for p in prompt_problems(self.first, object_info, skip=frozenset(self.varying))]
+        found = [str(p) for p in prompt_problems(self.first, object_info,
+                                                 skip=frozenset(self.varying) | self.unchecked)]
         _, feeders = _outputs_and_feeders(self.first, object_info)
         for (node_id, name), values in self.varying.items():
             class_type = self.first[node_id].get("class_type")
@@ -311,7 +317,8 @@ def _fetch_object_info(connections: list, logger: Logger) -> dict[int, Optional[
 
 
 def run_preflight(pool: "ConnectionPool", workflow: "ComfyUIWorkflow",
-                  params_list: Sequence[Mapping[str, Any]], *, logger: Optional[Logger] = None) -> dict[str, str]:
+                  params_list: Sequence[Mapping[str, Any]], *, logger: Optional[Logger] = None,
+                  unchecked: Sequence[str] = ()) -> dict[str, str]:
     """Check the run's workflow against every server of ``pool`` before anything is sent.
 
     Each server's ``/object_info`` is fetched once. A server that cannot run the workflow is left
@@ -323,6 +330,7 @@ def run_preflight(pool: "ConnectionPool", workflow: "ComfyUIWorkflow",
         workflow: the template with its bindings.
         params_list: the parameters of every generation, in plan order.
         logger: where the warnings go (the flow run's logger).
+        unchecked: parameters whose inputs are not checked (input images: see :class:`PlanCheck`).
 
     Returns:
         ``{url: reason}`` of the servers left out.
@@ -335,7 +343,7 @@ def run_preflight(pool: "ConnectionPool", workflow: "ComfyUIWorkflow",
     log = logger or module_logger
     if not params_list:
         return {}
-    plan = PlanCheck(workflow, params_list)
+    plan = PlanCheck(workflow, params_list, unchecked)
     connections = list(pool.connections)
     bodies = _fetch_object_info(connections, log)
     problems = {n: plan.problems(body) for n, body in bodies.items() if body is not None}

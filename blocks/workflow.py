@@ -744,6 +744,18 @@ def require_description_binding(workflow: "ComfyUIWorkflow") -> None:
         )
 
 
+def require_start_image_binding(workflow: ComfyUIWorkflow) -> None:
+    """Refuse a video workflow of an image_to_video run that does not bind ``image`` (its start image).
+
+    Raises:
+        WorkflowError: naming the workflow and what to add.
+    """
+    if not workflow.binds("image"):
+        raise WorkflowError(f"the video workflow {workflow.source or ''!r} does not bind 'image': bind its start "
+                            "image input, e.g. \"image\": \"<LoadImage title>.inputs.image\" in its bindings, so "
+                            "each video gets the image made for its description")
+
+
 def problems_on_server(workflow: "ComfyUIWorkflow", object_info: Mapping[str, Any],
                        params: Optional[Mapping[str, Any]] = None) -> list[str]:
     """What in ``workflow`` the server cannot run, one sentence each (empty when all is well).

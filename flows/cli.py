@@ -25,28 +25,45 @@ import typer
 from ..blocks.http_api import ComfyUIHTTP
 from ..blocks.errors import ComfyUIError, WorkflowError
 from ..blocks.server import ComfyUIServerPool
-from ..blocks.workflow import SeedMode, problems_on_server, require_description_binding
+from ..blocks.inputs import check_input_images as check_inputs
+from ..blocks.workflow import SeedMode, problems_on_server, require_description_binding, require_start_image_binding
 from .cli_blocks import link_blocks, pool_app, server_app, workflow_app
-from .cli_demo import demo_workflow, start_demo, wants_demo
+from .cli_demo import demo_workflow, smoke_workflow, start_demo, wants_demo
 from .cli_display import RunDisplay, print_end, quiet_prefect_console
 from .cli_signals import SignalOwner
 from .cli_support import CA_BUNDLE_HELP, INSECURE_HELP, fail, server_block, workflow_from_file
 from .cli_support import SEED_HELP, USAGE_ERRORS, Kind, check_output_dir, check_seed, seeds, usage_line
+from .descriptions import Description, read_descriptions_file, texts_and_inputs
 
 app = typer.Typer(add_completion=False, help="Run ComfyUI generations as Prefect flows.")
 
 
-def read_descriptions(path: Path) -> list[str]:
-    """One description per line; blank lines and lines starting with ``#`` are skipped.
+def read_descriptions(path: Path) -> list[Description]:
+    """The descriptions of ``--descriptions``: one per line, or rows of a ``.csv`` / ``.jsonl`` file
+    with a ``description`` and input images (:func:`read_descriptions_file`).
 
     Raises:
-        typer.BadParameter: the file cannot be read, or is not UTF-8 text.
+        typer.BadParameter: the file cannot be read, or a row is not valid (file and line named).
     """
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise typer.BadParameter(f"{path} cannot be read as UTF-8 text: {exc}", param_hint="--descriptions") from None
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return read_descriptions_file(path)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--descriptions") from None
+
+
+def parse_inputs(items: list[str]) -> dict[str, str]:
+    """``--input KEY=PATH`` pairs: ``{parameter: absolute path}`` (``~`` expanded).
+
+    Raises:
+        typer.BadParameter: an item without ``=``, a key or a path.
+    """
+    inputs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise typer.BadParameter(f"expected KEY=PATH, got {item!r}", param_hint="--input")
+        inputs[key.strip()] = str(Path(value.strip()).expanduser().absolute())
+    return inputs
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -80,8 +97,19 @@ def run(
     character: str = typer.Option("character", "--character", help="Character or campaign name."),
     description: Optional[List[str]] = typer.Option(None, "--description", help="A description (repeatable)."),
     descriptions: Optional[Path] = typer.Option(None, "--descriptions", exists=True, dir_okay=False,
-                                                help="A text file, one description per line."),
-    variants: int = typer.Option(1, "--variants", min=1, max=100, help="Generations per description."),
+                                                help="A text file, one description per line; or a .csv / .jsonl "
+                                                     "file of rows with a 'description' and input images "
+                                                     "(other columns, e.g. image)."),
+    variants: int = typer.Option(1, "--variants", min=1, max=100,
+                                 help="Generations per description (image-to-video: videos per image)."),
+    video_workflow: Optional[Path] = typer.Option(None, "--video-workflow", exists=True, dir_okay=False,
+                                                  help="image-to-video: the workflow that makes a video from each "
+                                                       "image (binds 'image')."),
+    image_variants: int = typer.Option(1, "--image-variants", min=1, max=100,
+                                       help="image-to-video: images per description."),
+    input_image: Optional[List[str]] = typer.Option(None, "--input", metavar="KEY=PATH",
+                                                    help="An input image for workflow parameter KEY (repeatable), "
+                                                         "uploaded once per server."),
     output_dir: Path = typer.Option(Path("output"), "--output-dir", help="Where files are written (created if missing)."),
     seed_mode: SeedMode = typer.Option(SeedMode.random, "--seed-mode",
                                        help="random (each generation its own), fixed (--seed for all) or "
@@ -122,22 +150,26 @@ def run(
 
     # Everything the command can know is wrong exits 2 here, in one line, before any flow run.
     demo = wants_demo(server)
-    workflow = demo_workflow(workflow, demo, kind.value)
-    texts = list(description or [])
+    workflow = demo_workflow(workflow, demo, "image" if kind is Kind.image_to_video else kind.value)
+    texts: list[Description] = list(description or [])
     if descriptions is not None:
         texts += read_descriptions(descriptions)
     if not texts:
         raise typer.BadParameter("give --description TEXT (repeatable) or --descriptions FILE")
     extra_params = parse_params(param or [])
-    seed_mode, base_seed = seeds(seed_mode, base_seed, len(texts) * variants)
+    inputs = parse_inputs(input_image or [])
+    per_description = (image_variants * (1 + variants)) if kind is Kind.image_to_video else variants
+    seed_mode, base_seed = seeds(seed_mode, base_seed, len(texts) * per_description)
     output_dir = check_output_dir(output_dir)
     template = workflow_from_file(workflow)
+    video_template = check_video_workflow(kind, video_workflow, demo, image_variants)
+    check_input_images(inputs, texts, template, video_template)
     if demo:  # running until the command ends, Ctrl-C included
         server = [start_demo(ctx)]
     blocks = [server_block(url, api_key, timeout, max_in_flight, ca_bundle=ca_bundle,
                            insecure=insecure) for url in server]
     block = blocks[0] if len(blocks) == 1 else ComfyUIServerPool.of(blocks)
-    display = RunDisplay(total=len(texts) * variants, descriptions=len(texts), variants=variants,
+    display = RunDisplay(total=len(texts) * per_description, descriptions=len(texts), variants=per_description,
                          servers=server, verbosity=verbose)
     quiet_prefect_console(verbose)  # for the rest of the process: its exit hooks log too
 
@@ -154,13 +186,15 @@ def run(
                 retry_delay_seconds=0,
             )
             with display:
-                state = _call_flow(flow, block, template, texts, kind.value, character, variants, output_dir,
-                                   seed_mode, base_seed, extra_params, output_type, retries, retry_delay)
+                state = _call_flow(flow, block, template, texts, kind.flow_kind, character, variants, output_dir,
+                                   seed_mode, base_seed, extra_params, output_type, retries, retry_delay,
+                                   video_workflow=video_template or "", image_variants=image_variants,
+                                   inputs=inputs)
         except KeyboardInterrupt:
-            _point_at_report(character, kind.value)  # the flow wrote it, saying the run was stopped
+            _point_at_report(character, kind.flow_kind)  # the flow wrote it, saying the run was stopped
             raise _stopped(owner, signal.SIGINT) from None
         except TerminationSignal as exc:
-            _point_at_report(character, kind.value)
+            _point_at_report(character, kind.flow_kind)
             raise _stopped(owner, exc.signal) from None
         stop = owner.stop()
         if stop is not None:  # the flow returned though its interrupt was lost: the sweep ended it
@@ -170,13 +204,13 @@ def run(
         files = [f.path for r in results for f in r.files]
         print_end(display, output_dir=str(output_dir), files=files, done=len(results),
                   list_files=list_files or verbose >= 1)
-        _point_at_report(character, kind.value)
+        _point_at_report(character, kind.flow_kind)
         return
     run_name = repr(display.flow_run_name) if display.flow_run_name else state.name
     if state.is_crashed() and "interrupt" in (state.message or "").lower():
         raise fail(f"flow run {run_name}: {state.message}; our prompts were removed from the server", 130)
     print_end(display, output_dir=str(output_dir), list_files=list_files or verbose >= 1)
-    _point_at_report(character, kind.value)
+    _point_at_report(character, kind.flow_kind)
     raise fail(f"flow run {run_name} failed: {state.message}", 1)
 
 
@@ -197,8 +231,39 @@ def _point_at_report(character: str, kind: str) -> None:
                f"{artifact_key(character, kind, 'gallery')} for the pictures)")
 
 
+def check_video_workflow(kind: Kind, video_workflow: Optional[Path], demo: bool, image_variants: int):
+    """The video workflow of an image-to-video run (``--video-workflow``, or with ``--server demo``
+    the packaged one), checked to bind ``image``; None for other kinds. Exit 2 in one line when it
+    is missing or cannot be used, or when image-to-video options come with another kind."""
+    if kind is not Kind.image_to_video:
+        if video_workflow is not None or image_variants != 1:
+            raise fail("--video-workflow and --image-variants are for --kind image-to-video", 2)
+        return None
+    if video_workflow is None:
+        if not demo:
+            raise fail("--kind image-to-video needs --video-workflow (the workflow that makes a video from each "
+                       "image, binding its start image as 'image')", 2)
+        video_workflow = smoke_workflow("image_to_video")
+    template = workflow_from_file(video_workflow, require_prompt=False)
+    try:
+        require_start_image_binding(template)
+    except WorkflowError as exc:
+        raise fail(str(exc), 2) from None
+    return template
+
+
+def check_input_images(inputs: dict[str, str], texts: list, template, video_template) -> None:
+    """Every input image (``--input``, the descriptions file's columns) is bound by a workflow of the
+    run and is a readable image: else exit 2 in one line, before any flow run."""
+    stages = {"image": template, **({"video": video_template} if video_template is not None else {})}
+    try:
+        check_inputs(inputs, texts_and_inputs(texts)[1], stages)
+    except WorkflowError as exc:
+        raise fail(str(exc), 2) from None
+
+
 def _call_flow(flow, block, template, texts, kind, character, variants, output_dir, seed_mode, base_seed,
-               params, output_type, retries, retry_delay):
+               params, output_type, retries, retry_delay, **stage_options):
     return flow(
         server=block,
         workflow=template,
@@ -206,6 +271,7 @@ def _call_flow(flow, block, template, texts, kind, character, variants, output_d
         kind=kind,
         character=character,
         variants=variants,
+        **stage_options,
         output_dir=str(output_dir),
         seed_mode=seed_mode,
         base_seed=base_seed,

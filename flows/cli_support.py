@@ -91,10 +91,17 @@ def workflow_from_file(path: Path, *, require_prompt: bool = True) -> ComfyUIWor
 
 
 class Kind(str, Enum):
-    """``--kind``: what the workflow makes; decides file naming and the report's labels."""
+    """``--kind``: what the workflow makes; decides file naming and the report's labels
+    (``image-to-video``: ``--workflow`` makes images, ``--video-workflow`` a video from each)."""
 
     image = "image"
     video = "video"
+    image_to_video = "image-to-video"
+
+    @property
+    def flow_kind(self) -> str:
+        """The flow's ``kind`` (``image_to_video`` with an underscore, as Prefect parameters spell it)."""
+        return self.value.replace("-", "_")
 
 
 #: ``--seed`` that means "random".

@@ -20,8 +20,9 @@ import concurrent.futures
 import random
 import time
 import uuid
+from collections import defaultdict
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Mapping, Optional, Sequence, Union
 
 from prefect import flow, get_run_logger, runtime, unmapped
 from prefect.exceptions import TerminationSignal
@@ -30,15 +31,18 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from ..blocks.errors import ComfyUIError, WorkflowError
+from ..blocks.errors import ComfyUIError, InputImageError, WorkflowError
+from ..blocks.inputs import InputImage, ServerFile, check_input_images, read_input_image
 from ..blocks.pool import ConnectionPool
 from ..blocks.preflight import run_preflight
-from ..blocks.workflow import ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding
+from ..blocks.workflow import (ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding,
+                               require_start_image_binding)
 from ..tasks.gallery import server_views
 from ..tasks.generate import (flow_attempt, flow_attempts_prompt_ids, generate, one_line_failures,
                               with_moved_copies, workflow_params)
-from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind
-from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, write_report
+from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind, Stage
+from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, describe_error, write_report
+from .descriptions import Description, texts_and_inputs
 from .form import ServerParameter, WorkflowParameter
 
 #: Generations in flight at once on one connection (threads of the task runner).
@@ -53,6 +57,8 @@ def plan_generations(
     *,
     uses_seed: bool = True,
     run_key: Optional[str] = None,
+    inputs: Optional[Sequence[Mapping[str, InputImage]]] = None,
+    stage: Stage = "image",
 ) -> list[GenerationSpec]:
     """Every (description, variant) pair with its seed and a client-chosen ``prompt_id``.
 
@@ -60,6 +66,7 @@ def plan_generations(
     ``seed`` is ``None`` when the workflow binds no seed (``uses_seed=False``).
     With a ``run_key`` (the flow run id) the plan is the same every time it is made for that
     key, random seeds included, so a retried flow run finds its completed generations again.
+    ``inputs``: each description's input images (``{parameter: InputImage}``), in order.
     """
     namespace = uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{run_key}") if run_key else None
     rng = random.Random(run_key) if run_key else random.Random()
@@ -82,9 +89,79 @@ def plan_generations(
                     prompt_id=str(uuid.uuid5(namespace, f"{index}/{variant}") if namespace else uuid.uuid4()),
                     position=len(specs) + 1,
                     total=total,
+                    stage=stage,
+                    inputs=dict(inputs[index]) if inputs else {},
                 )
             )
     return specs
+
+
+def plan_image_to_video(
+    descriptions: list[str],
+    image_variants: int,
+    variants: int,
+    seed_mode: SeedMode,
+    base_seed: Optional[int],
+    *,
+    image_uses_seed: bool = True,
+    video_uses_seed: bool = True,
+    run_key: Optional[str] = None,
+    image_inputs: Optional[Sequence[Mapping[str, InputImage]]] = None,
+    video_inputs: Optional[Sequence[Mapping[str, InputImage]]] = None,
+) -> list[GenerationSpec]:
+    """An ``image_to_video`` plan: for each description ``image_variants`` images, each followed
+    by the ``variants`` videos made from it (``[d0 image0, d0 video0, d0 video1, d0 image1, ...]``).
+
+    An image's ``variant`` counts the description's images, a video's its videos (0 to
+    ``image_variants * variants - 1``); a video's ``source`` is its image's ``position``, and its
+    ``inputs["image"]`` is set when the image exists. Seeds and prompt ids as
+    :func:`plan_generations` makes them (a video's prompt id is named ``{index}/{variant}/video``).
+    """
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{run_key}") if run_key else None
+    rng = random.Random(run_key) if run_key else random.Random()
+    total = len(descriptions) * image_variants * (1 + variants)
+    specs: list[GenerationSpec] = []
+
+    def add(index: int, variant: int, description: str, stage: Stage, uses_seed: bool, of: int,
+            inputs: Optional[Sequence[Mapping[str, InputImage]]], source: Optional[int]) -> GenerationSpec:
+        seed = (choose_seed(seed_mode, base_seed=base_seed, index=index, variant=variant, variants=of, rng=rng)
+                if uses_seed else None)
+        name = f"{index}/{variant}" + ("/video" if stage == "video" else "")
+        spec = GenerationSpec(index=index, variant=variant, description=description, seed=seed,
+                              prompt_id=str(uuid.uuid5(namespace, name) if namespace else uuid.uuid4()),
+                              position=len(specs) + 1, total=total, stage=stage,
+                              inputs=dict(inputs[index]) if inputs else {}, source=source)
+        specs.append(spec)
+        return spec
+
+    for index, description in enumerate(descriptions):
+        for image_variant in range(image_variants):
+            image = add(index, image_variant, description, "image", image_uses_seed, image_variants,
+                        image_inputs, None)
+            for number in range(variants):
+                add(index, image_variant * variants + number, description, "video", video_uses_seed,
+                    image_variants * variants, video_inputs, image.position)
+    return specs
+
+
+def start_image(result: GenerationResult) -> InputImage:
+    """The start image of the videos made from image generation ``result``: its first file that
+    is an image (read from disk), with the server's copy as its ``origin``.
+
+    Raises:
+        InputImageError: none of its files is an image that can be read.
+    """
+    problem: Optional[InputImageError] = None
+    for file in result.files:
+        origin = ServerFile(server=result.server, filename=file.server_filename, subfolder=file.subfolder,
+                            type=file.type)
+        try:
+            return read_input_image("image", file.path, origin=origin)
+        except InputImageError as exc:
+            problem = problem or exc
+    if problem is not None:
+        raise problem
+    raise InputImageError("image", "(no file)", "was not made: the image generation saved no file")
 
 
 class _Generations:
@@ -97,6 +174,7 @@ class _Generations:
         self.progress = progress
         self.reused: set[int] = set()
         self.futures: dict[int, Any] = {}
+        self.submitted: dict[int, GenerationSpec] = {}  # position -> the spec as it was run
         self.attempt = flow_attempt()
         self.counting = True
 
@@ -105,15 +183,62 @@ class _Generations:
         and advance the progress artifact. ``rerun`` (1) runs completed generations again, with
         prompt ids of their own (see ``generate``); their progress was counted already."""
         self.counting = not rerun
+        position_of = {f.task_run_id: p for p, f in self._submit(task, connection, template, specs, settings,
+                                                                 rerun).items()}
+        for future in as_completed([self.futures[p] for p in position_of.values()]):
+            self._record(position_of[future.task_run_id], future)
+
+    def _submit(self, task, connection, template, specs, settings, rerun: int = 0) -> dict[int, Any]:
         futures = task.map(unmapped(connection), unmapped(template), specs, unmapped(settings),
                            rerun=unmapped(rerun))
-        position_of = {}
         for future, spec in zip(futures, specs):
             self.futures[spec.position] = future
-            position_of[future.task_run_id] = spec.position
+            self.submitted[spec.position] = spec
             self.reused.discard(spec.position)  # run again (files lost): not reused any more
-        for future in as_completed(list(futures)):
-            self._record(position_of[future.task_run_id], future)
+        return {spec.position: future for future, spec in zip(futures, specs)}
+
+    def run_image_to_video(self, task, connection, image_workflow, video_workflow, specs, settings) -> None:
+        """Run an ``image_to_video`` plan (:func:`plan_image_to_video`): every image at once, and the
+        videos of each image as soon as that image is done (with it as their ``image`` input);
+        the videos of an image that failed end ``skipped`` and are never sent."""
+        self.counting = True
+        videos_of: dict[int, list[GenerationSpec]] = defaultdict(list)
+        for spec in specs:
+            if spec.stage == "video":
+                videos_of[spec.source].append(spec)
+        pending = {future.wrapped_future: (position, future) for position, future in self._submit(
+            task, connection, image_workflow, [s for s in specs if s.stage == "image"], settings).items()}
+        while pending:
+            done, _ = concurrent.futures.wait(list(pending), return_when=concurrent.futures.FIRST_COMPLETED)
+            for wrapped in done:
+                position, future = pending.pop(wrapped)
+                self._record(position, future)
+                videos = videos_of.pop(position, [])
+                if not videos:
+                    continue
+                image = self.submitted[position]
+                outcome = self.outcomes[position]
+                label = f"description {image.index + 1}, image {image.variant + 1}"
+                if isinstance(outcome, GenerationResult):
+                    try:
+                        start = start_image(outcome)
+                    except InputImageError as exc:
+                        self._skip(videos, f"its image ({label}) cannot start a video: {exc}")
+                        continue
+                    videos = [v.model_copy(update={"inputs": {**v.inputs, "image": start}}) for v in videos]
+                    pending.update({f.wrapped_future: (p, f) for p, f in self._submit(
+                        task, connection, video_workflow, videos, settings).items()})
+                elif isinstance(outcome, Stopped):
+                    self._skip(videos, f"its image ({label}) was {outcome.status}: {outcome.reason}",
+                               status=outcome.status if outcome.status != "interrupted" else "cancelled")
+                else:
+                    self._skip(videos, f"its image ({label}) failed: {describe_error(outcome)}")
+
+    def _skip(self, specs: list[GenerationSpec], reason: str, status: str = "skipped") -> None:
+        for spec in specs:
+            self.outcomes[spec.position] = Stopped(status, reason)
+            if self.counting and self.progress is not None:
+                self.progress.advance()
 
     def harvest(self, within_s: float) -> None:
         """After the run was stopped: record every generation that finished, waiting up to
@@ -191,6 +316,24 @@ def _load_workflow(workflow: Union[ComfyUIWorkflow, str]) -> ComfyUIWorkflow:
     return ComfyUIWorkflow.from_file(workflow)
 
 
+def _failed_message(specs, outcomes, stopped: Optional[str], not_run: int, no_new_prompts: Optional[str]) -> str:
+    """The Failed state's message: how many generations failed (and were skipped, not run), and
+    the first image error that skipped videos."""
+    results = sum(isinstance(outcomes.get(s.position), GenerationResult) for s in specs)
+    failed = len(specs) - results
+    skipped = [outcomes[s.position] for s in specs
+               if isinstance(outcomes.get(s.position), Stopped) and outcomes[s.position].status == "skipped"]
+    if stopped:
+        return f"the run was {stopped}: {failed} of {len(specs)} generations failed"
+    if not_run:  # ComfyUI refused the workflow itself: say so, not N failures
+        return (f"{failed - not_run} of {len(specs)} generations failed and {not_run} were not run: "
+                f"{no_new_prompts}")
+    if skipped:
+        return (f"{failed - len(skipped)} of {len(specs)} generations failed and {len(skipped)} video(s) were "
+                f"skipped because {skipped[0].reason}")
+    return f"{failed} of {len(specs)} generations failed"
+
+
 @flow(
     name="generate-content",
     task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_CONCURRENCY),
@@ -199,10 +342,13 @@ def _load_workflow(workflow: Union[ComfyUIWorkflow, str]) -> ComfyUIWorkflow:
 def generate_content(
     server: ServerParameter,
     workflow: WorkflowParameter,
-    descriptions: Annotated[list[str], Field(min_length=1)],
+    descriptions: Annotated[list[Description], Field(min_length=1)],
     kind: Kind = "image",
     character: str = "character",
     variants: Annotated[int, Field(ge=1, le=100)] = 1,
+    video_workflow: WorkflowParameter = "",
+    image_variants: Annotated[int, Field(ge=1, le=100)] = 1,
+    inputs: dict[str, str] = {},  # noqa: B006
     output_dir: str = "output",
     seed_mode: SeedMode = SeedMode.random,
     base_seed: int = 0,
@@ -220,10 +366,23 @@ def generate_content(
         workflow: a saved ComfyUI Workflow block (what deployments use: the worker needs no
             file), or an API-format workflow JSON path on the machine that runs the flow
             (bindings in the file or a ``.bindings.json`` sidecar).
-        descriptions: the text descriptions; each becomes ``variants`` generations.
-        kind: ``image`` or ``video``; decides file naming and the report's labels.
+        descriptions: the text descriptions; each becomes ``variants`` generations. A description
+            can be a row ``{"description": "...", "image": "/path/start.png"}`` whose other fields
+            are its own input images (see ``inputs``).
+        kind: ``image`` or ``video`` (decides file naming and the report's labels), or
+            ``image_to_video``: ``workflow`` makes images, ``video_workflow`` a video from each.
         character: the character or campaign name, used in file names and artifact keys.
-        variants: generations per description (1-100).
+        variants: generations per description (1-100); in an ``image_to_video`` run, videos per image.
+        video_workflow: the video workflow of an ``image_to_video`` run (a saved block or a path),
+            binding its start image as ``image``; each video starts as soon as its image is done
+            (``""``: none).
+        image_variants: images per description in an ``image_to_video`` run (default 1).
+        inputs: input images ``{parameter: local path}`` bound like any parameter (e.g.
+            ``{"reference_image": "/refs/alice.png"}``, with ``"reference_image":
+            "LoadRef.inputs.image"`` in the workflow's bindings); each file is checked before
+            anything is sent, then uploaded once per server (``POST /upload/image``, into the
+            input subfolder ``comfy-pipeline/<flow run id>``). A path is read on the machine
+            that runs the flow.
         output_dir: local directory for the files; the server's subfolders are kept below it.
         seed_mode: ``random`` (default), ``fixed`` (``base_seed`` for all) or ``increment``
             (``base_seed + index * variants + variant``).
@@ -239,20 +398,40 @@ def generate_content(
         the :class:`GenerationResult` of every generation, in plan order.
 
     Raises:
-        WorkflowError: the workflow file cannot be used (before anything is sent);
+        WorkflowError: the workflow file cannot be used, or an input image (``InputImageError``:
+            missing, unreadable, not an image; before anything is sent);
             ``WorkflowNotRunnable`` when no server can run it (preflight), after writing the report.
         ServerUnreachable / AuthenticationFailed: at connect, after writing the report.
     """
     logger = get_run_logger()
     began = time.monotonic()
+    texts, own_inputs = texts_and_inputs(descriptions)
+    video_template: Optional[ComfyUIWorkflow] = None
     try:
         template = _load_workflow(workflow)
         require_description_binding(template)
+        stages = {"image": template}
+        if kind == "image_to_video":
+            if not video_workflow:
+                raise WorkflowError("kind image_to_video needs a video_workflow (the workflow that makes a video "
+                                    "from each image, binding its start image as 'image')")
+            video_template = stages["video"] = _load_workflow(video_workflow)
+            require_start_image_binding(video_template)
+        elif video_workflow:
+            logger.warning("video_workflow is used only with kind image_to_video; this %s run ignores it", kind)
+        images = check_input_images(inputs or {}, own_inputs, stages)
     except WorkflowError as exc:  # nothing was sent; say why in one line, no traceback
         logger.error("%s", exc)
         return Failed(data=exc, message=str(exc))
-    specs = plan_generations(descriptions, variants, SeedMode(seed_mode), base_seed,
-                             uses_seed=template.binds("seed"), run_key=runtime.flow_run.id)
+    if video_template is not None:
+        specs = plan_image_to_video(texts, image_variants, variants, SeedMode(seed_mode), base_seed,
+                                    image_uses_seed=template.binds("seed"), video_uses_seed=video_template.binds("seed"),
+                                    run_key=runtime.flow_run.id, image_inputs=images["image"],
+                                    video_inputs=images["video"])
+    else:
+        specs = plan_generations(texts, variants, SeedMode(seed_mode), base_seed, uses_seed=template.binds("seed"),
+                                 run_key=runtime.flow_run.id, inputs=images["image"],
+                                 stage="video" if kind == "video" else "image")
     if runtime.deployment.id and not Path(output_dir).expanduser().is_absolute():
         logger.warning("output_dir %r is relative to this run's working directory %s: a process "
                        "worker deletes that directory when the run ends. Give an absolute path "
@@ -261,8 +440,10 @@ def generate_content(
         kind=kind,
         character=character,
         output_dir=str(Path(output_dir).expanduser().absolute()),  # absolute in results and report
-        descriptions=len(descriptions),
+        descriptions=len(texts),
         variants=variants,
+        image_variants=image_variants if video_template is not None else 1,
+        upload_subfolder=f"comfy-pipeline/{runtime.flow_run.id or uuid.uuid4()}",
         params=dict(params or {}),
         output_types=list(output_types or ["output"]),
         retries=retries,
@@ -279,8 +460,13 @@ def generate_content(
                      attempt=flow_attempt(), views=server_views(server))
     outcomes: dict[int, Outcome] = {}
     progress = ProgressReport(character, kind, len(specs))
-    logger.info("%d %s generation(s) for %s: %d description(s) x %d variant(s) on %s",
-                len(specs), kind, character, len(descriptions), variants, server.url)
+    if video_template is not None:
+        logger.info("%d image and %d video generation(s) for %s: %d description(s) x %d image(s) x %d video(s) on %s",
+                    sum(s.stage == "image" for s in specs), sum(s.stage == "video" for s in specs), character,
+                    len(texts), image_variants, variants, server.url)
+    else:
+        logger.info("%d %s generation(s) for %s: %d description(s) x %d variant(s) on %s",
+                    len(specs), kind, character, len(texts), variants, server.url)
     try:
         connection = ConnectionPool.open(server, logger=logger)
     except (ComfyUIError, ValueError) as exc:  # ValueError: a pool names a block that is not saved
@@ -289,7 +475,11 @@ def generate_content(
         _write_report(logger, specs, outcomes, facts, began)
         return Failed(data=exc, message=str(exc))
     try:  # before the first POST: can each server run the rendered workflow? (blocks/preflight.py)
-        run_preflight(connection, template, [workflow_params(s, settings) for s in specs], logger=logger)
+        for stage, stage_workflow in stages.items():
+            stage_specs = [s for s in specs if s.stage == stage] or specs
+            run_preflight(connection, stage_workflow, [workflow_params(s, settings) for s in stage_specs],
+                          logger=logger, unchecked=sorted({n for s in stage_specs for n in s.inputs}
+                                                          | ({"image"} if stage == "video" else set())))
     except BaseException as exc:
         connection.close()
         if not isinstance(exc, ComfyUIError):
@@ -307,7 +497,10 @@ def generate_content(
     # Until the report is written: the engine's late records of cancelled task runs too.
     with one_line_failures():
         try:
-            generations.run(task, connection, template, specs, settings)
+            if video_template is not None:
+                generations.run_image_to_video(task, connection, template, video_template, specs, settings)
+            else:
+                generations.run(task, connection, template, specs, settings)
             # A completed generation whose files were deleted since (a result that came back from
             # an earlier attempt of this flow run, or files removed during this one): run it again,
             # as a rerun whose prompt ids were never posted (it follows the earlier prompt if the
@@ -316,8 +509,12 @@ def generate_content(
                      and not all(Path(f.path).is_file() for f in outcomes[s.position].files)]
             if stale:
                 logger.warning("%d completed generation(s) lost files on disk; running them again", len(stale))
-                generations.run(task.with_options(refresh_cache=True), connection, template, stale, settings,
-                                rerun=1)
+                for stage, stage_workflow in stages.items():
+                    again = [generations.submitted.get(s.position, s) for s in stale if s.stage == stage
+                             or (stage == "image" and video_template is None)]
+                    if again:
+                        generations.run(task.with_options(refresh_cache=True), connection, stage_workflow, again,
+                                        settings, rerun=1)
         except BaseException as exc:  # cancelled from the UI or CLI (SIGTERM), Ctrl-C, a crash
             facts.stopped = _stop_reason(exc)
             logger.warning("the run was %s: removing our prompts from the server", facts.stopped)
@@ -341,13 +538,8 @@ def generate_content(
             _write_report(logger, specs, outcomes, facts, began, generations.reused)
 
     results = [o for o in (outcomes.get(s.position) for s in specs) if isinstance(o, GenerationResult)]
-    failed = len(specs) - len(results)
-    if failed:
-        stopped = f"the run was {facts.stopped}: " if facts.stopped else ""
-        if not_run and not facts.stopped:  # ComfyUI refused the workflow itself: say so, not N failures
-            return Failed(message=f"{failed - not_run} of {len(specs)} generations failed and {not_run} were "
-                                  f"not run: {connection.no_new_prompts}")
-        return Failed(message=f"{stopped}{failed} of {len(specs)} generations failed")
+    if len(results) < len(specs):
+        return Failed(message=_failed_message(specs, outcomes, facts.stopped, not_run, connection.no_new_prompts))
     if generations.reused:
         logger.info("%d generation(s) reused from an earlier attempt of this flow run", len(generations.reused))
     logger.info("all %d generations finished in %.1f s", len(specs), facts.wall_s)

@@ -8,6 +8,11 @@ reader's browser loads it from the ComfyUI server. Videos, animations and other 
 links. A server that needs an API key (``api_key`` or ``headers`` set) gets links only, since a
 browser cannot send the key, and the gallery says so. Large runs show the first
 :data:`MAX_THUMBNAILS` generations, then a line saying how many more are in the table.
+
+In an ``image_to_video`` run (:func:`two_stages`), a description's section pairs each image with
+the videos made from it: one table per image, ``image N`` first, then its ``video 1``,
+``video 2``, ... (numbered within that image); a video that never ran because its image failed
+shows ``**skipped**``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,17 @@ class ServerView:
 
     base_url: str
     needs_key: bool
+
+
+def two_stages(specs: Sequence[GenerationSpec]) -> bool:
+    """Whether the plan has both stages (an ``image_to_video`` run): some spec starts from
+    another generation (``source``) or has another ``stage`` than the first spec."""
+    return any(s.source is not None or s.stage != specs[0].stage for s in specs)
+
+
+def kind_text(kind: str) -> str:
+    """A flow run's kind as a person reads it: ``image_to_video`` -> ``image-to-video``."""
+    return kind.replace("_", "-")
 
 
 def server_views(server: Any) -> dict[str, ServerView]:
@@ -100,7 +116,7 @@ def _file_label(file: OutputFile) -> str:
 
 
 def _cell(spec: GenerationSpec, row: Mapping[str, Any], outcome: Any,
-          views: Mapping[str, ServerView]) -> str:
+          views: Mapping[str, ServerView], label: str) -> str:
     seed = f"seed {spec.seed}" if spec.seed is not None else "no seed bound"
     if not isinstance(outcome, GenerationResult):
         # short, so that the cell stays as narrow as a thumbnail: the error is in the table and summary
@@ -111,7 +127,7 @@ def _cell(spec: GenerationSpec, row: Mapping[str, Any], outcome: Any,
     shown = next((url for url, f in links if is_still_image(f)), None) if not view.needs_key else None
     parts = []
     if shown is not None:
-        alt = html.escape(f"description {spec.index + 1}, variant {spec.variant + 1}", quote=True)
+        alt = html.escape(f"description {spec.index + 1}, {label}", quote=True)
         parts.append(f'<img src="{html.escape(shown, quote=True)}" width="{THUMBNAIL_WIDTH_PX}" alt="{alt}"><br>')
     numbered = len(links) > 1
     link_text = " · ".join(
@@ -122,11 +138,40 @@ def _cell(spec: GenerationSpec, row: Mapping[str, Any], outcome: Any,
     return "".join(parts)
 
 
+_Entry = tuple[str, str, GenerationSpec, Mapping[str, Any]]
+
+
+def _image_tables(group: Sequence[tuple[GenerationSpec, Mapping[str, Any]]]) -> list[list[_Entry]]:
+    """One description's generations of an ``image_to_video`` run as ``(header, alt, spec, row)``
+    lists, one per image: the image (``image N``), then the videos made from it (``video 1``,
+    ``video 2``, ... within that image, in plan order). Videos whose image is not in ``group``
+    come last, in one list of their own, named by their ``variant`` (``video N``)."""
+    tables: dict[int, list[_Entry]] = {}
+    for spec, row in group:
+        if spec.stage == "image":
+            label = f"image {spec.variant + 1}"
+            tables[spec.position] = [(label, label, spec, row)]
+    others: list[_Entry] = []
+    for spec, row in group:
+        if spec.stage == "image":
+            continue
+        table = tables.get(spec.source)
+        if table is None:
+            label = f"{spec.stage} {spec.variant + 1}"
+            others.append((label, label, spec, row))
+        else:
+            label = f"video {len(table)}"
+            table.append((label, f"{table[0][0]}, {label}", spec, row))
+    return list(tables.values()) + ([others] if others else [])
+
+
 def gallery_markdown(specs: Sequence[GenerationSpec], rows: Sequence[Mapping[str, Any]],
                      outcomes: Mapping[int, Any], views: Mapping[str, ServerView], *,
                      character: str, kind: str, output_dir: str, table_key: str,
                      limit: int = MAX_THUMBNAILS) -> str:
-    """The gallery's markdown.
+    """The gallery's markdown: per description (``### N. text``), tables of at most
+    :data:`COLUMNS` cells whose header names each cell (``variant N``; in an ``image_to_video``
+    run one table per image: ``image N``, then ``video 1``, ``video 2``, ... made from it).
 
     Args:
         specs: the plan, in order (description-major); ``rows`` are the table's rows for them
@@ -139,7 +184,7 @@ def gallery_markdown(specs: Sequence[GenerationSpec], rows: Sequence[Mapping[str
         limit: generations shown at most.
     """
     results = [o for o in outcomes.values() if isinstance(o, GenerationResult)]
-    lines = [f"# {md_text(character)}: {kind} gallery", ""]
+    lines = [f"# {md_text(character)}: {kind_text(kind)} gallery", ""]
     used = {r.server for r in results}
     reached = {url: views.get(url) or ServerView(url, False) for url in sorted(used)}
     open_servers = [v.base_url for v in reached.values() if not v.needs_key]
@@ -158,18 +203,23 @@ def gallery_markdown(specs: Sequence[GenerationSpec], rows: Sequence[Mapping[str
                   "cannot send: its files are linked, not shown; open them with the key (e.g. "
                   "`curl -H \"Authorization: Bearer $KEY\" URL`)."]
     shown = list(zip(specs, rows))[:max(0, limit)]
-    groups: list[list[tuple[GenerationSpec, str]]] = []
+    paired = two_stages(specs)
+    groups: list[list[tuple[GenerationSpec, Mapping[str, Any]]]] = []
     for spec, row in shown:
         if not groups or groups[-1][0][0].index != spec.index:
             groups.append([])
-        groups[-1].append((spec, _cell(spec, row, outcomes.get(spec.position), views)))
+        groups[-1].append((spec, row))
     for group in groups:
         lines += ["", f"### {group[0][0].index + 1}. {md_text(group[0][0].description)}"]
-        for start in range(0, len(group), COLUMNS):
-            chunk = group[start:start + COLUMNS]
-            lines += ["", "| " + " | ".join(f"variant {spec.variant + 1}" for spec, _ in chunk) + " |",
-                      "|" + "---|" * len(chunk),
-                      "| " + " | ".join(cell for _, cell in chunk) + " |"]
+        tables = _image_tables(group) if paired else [
+            [(f"variant {spec.variant + 1}", f"variant {spec.variant + 1}", spec, row) for spec, row in group]]
+        for table in tables:
+            for start in range(0, len(table), COLUMNS):
+                chunk = table[start:start + COLUMNS]
+                lines += ["", "| " + " | ".join(header for header, _, _, _ in chunk) + " |",
+                          "|" + "---|" * len(chunk),
+                          "| " + " | ".join(_cell(spec, row, outcomes.get(spec.position), views, alt)
+                                            for _, alt, spec, row in chunk) + " |"]
     if len(specs) > len(shown):
         lines += ["", f"The first {len(shown)} of {len(specs)} generations are shown; "
                   f"{len(specs) - len(shown)} more are in the table `{table_key}`."]

@@ -23,7 +23,7 @@ import random
 import time
 import uuid
 from pathlib import Path
-from typing import Union
+from typing import Mapping, Optional, Union
 
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import DEFAULT
@@ -31,7 +31,7 @@ from prefect.context import TaskRunContext
 from prefect.states import Cancelled, State
 
 from ..blocks.connection import ComfyUIConnection, PromptOutcome
-from ..blocks.pool import ConnectionPool, moved_prompt_id
+from ..blocks.pool import ConnectionPool, PromptFor, moved_prompt_id
 from ..blocks.errors import (
     ComfyUIError,
     ConnectionLost,
@@ -54,17 +54,22 @@ from .outputs import candidate_paths, output_subdir, planned_name, safe_stem
 from .report import trim
 
 
-def workflow_params(spec: GenerationSpec, settings: GenerationSettings) -> dict:
+def workflow_params(spec: GenerationSpec, settings: GenerationSettings,
+                    input_values: Optional[Mapping[str, str]] = None) -> dict:
     """The parameters offered to the workflow's bindings for one generation.
 
     ``prompt`` and ``description`` are the description text and ``slug`` a file-name-safe
     version of it (:func:`safe_stem`: lowercase ASCII letters, digits and dashes, at most 40
     characters, never ending in a dash or a space: use it in ``filename_prefix``);
     ``seed``, ``character`` (and ``character_slug``), ``index``, ``variant`` (0-based) and
-    ``kind`` come from the plan; the flow's extra ``params`` (e.g. ``negative_prompt``) fill
-    the rest.
+    ``kind`` (the generation's stage in an ``image_to_video`` run) come from the plan; the flow's
+    extra ``params`` (e.g. ``negative_prompt``) fill the rest. Each input image of
+    ``spec.inputs`` is its value on the server that runs it (``input_values``: an uploaded name
+    or an ``[output]`` annotation), else its local file name (what the preflight sees).
     """
     params = dict(settings.params)
+    for name, image in spec.inputs.items():
+        params[name] = (input_values or {}).get(name, Path(image.path).name)
     params.update(
         prompt=spec.description,
         description=spec.description,
@@ -73,11 +78,25 @@ def workflow_params(spec: GenerationSpec, settings: GenerationSettings) -> dict:
         character_slug=safe_stem(settings.character, max_len=40),
         index=spec.index,
         variant=spec.variant,
-        kind=settings.kind,
+        kind=stage_kind(spec, settings),
     )
     if spec.seed is not None:
         params["seed"] = spec.seed
     return params
+
+
+def stage_kind(spec: GenerationSpec, settings: GenerationSettings) -> str:
+    """What one generation makes: the flow run's kind, or in an ``image_to_video`` run its stage."""
+    return spec.stage if settings.kind == "image_to_video" else settings.kind
+
+
+def variant_label(spec: GenerationSpec, settings: GenerationSettings) -> str:
+    """``variant 1/2``, or in an ``image_to_video`` run ``image 1/1`` / ``video 2/4`` (of the description)."""
+    if settings.kind != "image_to_video":
+        return f"variant {spec.variant + 1}/{settings.variants}"
+    if spec.stage == "image":
+        return f"image {spec.variant + 1}/{settings.image_variants}"
+    return f"video {spec.variant + 1}/{settings.image_variants * settings.variants}"
 
 
 #: The attribute (``extra``) of the log records that mark a generation's milestones, read by a
@@ -104,7 +123,7 @@ class _ProgressLog:
         self.spec = spec
         self.prefix = (
             f"[{spec.position}/{spec.total}] description {spec.index + 1}/{settings.descriptions}, "
-            f"variant {spec.variant + 1}/{settings.variants}"
+            f"{variant_label(spec, settings)}"
         )
         self.started = time.monotonic()
         self.last_pct: dict[str | None, int] = {}
@@ -230,12 +249,20 @@ def with_moved_copies(prompt_ids: list[str], moves: int = 2) -> list[str]:
 
 
 def _run_or_reattach(
-    connection: ConnectionPool, prompt: dict, spec: GenerationSpec, settings: GenerationSettings,
+    connection: ConnectionPool, prompt: PromptFor, spec: GenerationSpec, settings: GenerationSettings,
     progress: "_ProgressLog", rerun: int,
 ) -> tuple[PromptOutcome, list[OutputRef], ComfyUIConnection]:
     flow_n, task_n = flow_attempt(), task_attempt()
+    source = spec.inputs.get("image") if spec.source is not None else None
+    later_stage = spec.stage == "video" and settings.kind == "image_to_video"
     options = dict(on_event=progress, heartbeat_s=settings.heartbeat_s,
-                   output_types=tuple(settings.output_types))
+                   output_types=tuple(settings.output_types),
+                   # an image-to-video run's videos go before its remaining images (for a slot, and in
+                   # ComfyUI's queue: "front"), to the server that made their image when it has a
+                   # free slot there (no upload needed)
+                   priority=1 if later_stage else 0,
+                   front=later_stage,
+                   prefer=source.origin.server if source is not None and source.origin is not None else None)
     earlier_ids = with_moved_copies(earlier_prompt_ids(spec.prompt_id, flow_n, task_n, task_retries() + 1, rerun))
     if earlier_ids:
         connection.wait_for_a_server()  # the server that has an earlier prompt may be coming back
@@ -244,7 +271,8 @@ def _run_or_reattach(
         if holder is not None and status in ("pending", "running", "succeeded"):
             progress.logger.info("%s: prompt %s of an earlier attempt is %s on %s; following it "
                                  "instead of submitting again", progress.prefix, earlier, status, holder.url)
-            return connection.run_prompt(prompt, prompt_id=earlier, on=holder, attach=True, **options)
+            return connection.run_prompt(prompt, prompt_id=earlier, on=holder, attach=True,
+                                         **{k: v for k, v in options.items() if k not in ("priority", "prefer", "front")})
     # Not on any connected server; one that is away may still have it: it removes it when back.
     connection.give_up_where_away(earlier_ids)
     current = attempt_prompt_id(spec.prompt_id, flow_n, task_n, rerun)
@@ -308,7 +336,7 @@ def one_line_failures():
 
 @task(
     name="generate",
-    task_run_name="generate-{settings.kind}-d{spec.index}-v{spec.variant}",
+    task_run_name="generate-{spec.stage}-d{spec.index}-v{spec.variant}",
     # The live connection is not an input of the result: leave it out of the cache key,
     # so Prefect never tries to hash a socket. A rerun replaces the result of the plan's run.
     cache_policy=DEFAULT - "connection" - "rerun",
@@ -434,7 +462,16 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
               settings: GenerationSettings, progress: _ProgressLog, rerun: int = 0) -> GenerationResult:
     logger = progress.logger
     began = time.monotonic()
-    prompt = workflow.render(workflow_params(spec, settings))
+    bound: dict[str, str] = {}  # each input image's value on the server that runs the prompt
+
+    def prompt_for(server: ComfyUIConnection) -> dict:
+        values = {name: server.input_images.value(image, settings.upload_subfolder)
+                  for name, image in spec.inputs.items()}
+        bound.clear()
+        bound.update(values)
+        return workflow.render(workflow_params(spec, settings, values))
+
+    prompt = prompt_for if spec.inputs else workflow.render(workflow_params(spec, settings))
     finished_key = f"{spec.prompt_id}/{rerun}"
     known = connection.finished_outputs(finished_key)
     if known is not None:  # an earlier attempt's prompt finished; only its downloads failed
@@ -464,7 +501,8 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
     for number, ref in enumerate(refs, start=1):
         directory = output_subdir(output_dir, ref.subfolder)
         name = planned_name(settings.character, spec.index, spec.variant, ref,
-                            number if len(refs) > 1 else None)
+                            number if len(refs) > 1 else None,
+                            suffix="_video" if settings.kind == "image_to_video" and spec.stage == "video" else "")
         path, size = _download(connection, server, ref, lambda: candidate_paths(directory, name),
                                reuse_identical=later_attempt, settings=settings, progress=progress)
         if path.name != name:
@@ -483,7 +521,7 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
         extra=milestone("done", spec, files=[f.path for f in files], cached=outcome.cached, total_s=total_s),
     )
     return GenerationResult(
-        kind=settings.kind,
+        kind=stage_kind(spec, settings),
         character=settings.character,
         index=spec.index,
         variant=spec.variant,
@@ -499,5 +537,7 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
         download_s=round(download_s, 3),
         total_s=round(total_s, 3),
         moved_from=outcome.moved_from,
+        source=spec.source,
+        inputs=dict(bound),
         flow_attempt=flow_attempt(),
     )

@@ -6,7 +6,12 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
-Kind = Literal["image", "video"]
+from ..blocks.inputs import InputImage
+
+#: What a flow run makes: images, videos, or both (an image per description, then videos from it).
+Kind = Literal["image", "video", "image_to_video"]
+#: What one generation makes (an ``image_to_video`` run has both).
+Stage = Literal["image", "video"]
 
 
 class GenerationSpec(BaseModel):
@@ -15,6 +20,10 @@ class GenerationSpec(BaseModel):
     ``index`` and ``variant`` are 0-based; ``position`` is 1-based among ``total``
     generations of the flow run (for ``[3/8]`` in the logs). ``prompt_id`` is chosen by the
     client before submitting so the prompt can be found again on the server.
+
+    In an ``image_to_video`` run, a video's ``variant`` counts the description's videos (0 to
+    ``image_variants * variants - 1``), ``source`` is the ``position`` of the image generation it
+    starts from, and its ``inputs["image"]`` is that image once it exists.
     """
 
     index: int
@@ -24,6 +33,11 @@ class GenerationSpec(BaseModel):
     prompt_id: str
     position: int
     total: int
+    stage: Stage = "image"
+    inputs: dict[str, InputImage] = Field(
+        default_factory=dict,
+        description="Input images bound to workflow parameters by name (uploaded to the server that runs it).")
+    source: Optional[int] = Field(default=None, description="Position of the image generation a video starts from.")
 
 
 class GenerationSettings(BaseModel):
@@ -37,13 +51,17 @@ class GenerationSettings(BaseModel):
     character: str
     output_dir: str
     descriptions: int = Field(description="How many descriptions the run has.")
-    variants: int = 1
+    variants: int = Field(default=1, description="Generations per description (image_to_video: videos per image).")
+    image_variants: int = Field(default=1, description="Images per description in an image_to_video run.")
     params: dict[str, Any] = Field(default_factory=dict)
     output_types: list[str] = Field(default_factory=lambda: ["output"])
     heartbeat_s: float = 30.0
     retries: int = Field(default=0, ge=0, description="Task retries for transient failures.")
     retry_delay_s: float = Field(
         default=0.0, ge=0, description="Seconds before the first retry, doubling after each, with jitter.")
+    upload_subfolder: str = Field(
+        default="comfy-pipeline", description="Subfolder of the server's input folder that input images are "
+                                              "uploaded to (one per flow run).")
 
 
 class OutputFile(BaseModel):
@@ -68,7 +86,8 @@ class GenerationResult(BaseModel):
     the whole task. ``cached`` is True when ComfyUI served every node from its cache.
     """
 
-    kind: Kind
+    kind: Kind = Field(description="What this generation made: image or video (the flow run's kind, except "
+                                   "in an image_to_video run: its stage).")
     character: str
     index: int
     variant: int
@@ -87,6 +106,11 @@ class GenerationResult(BaseModel):
         default=None,
         description="URL of the server this generation left because it became unreachable (its "
                     "prompt was run again on `server`).")
+    source: Optional[int] = Field(
+        default=None, description="Position of the image generation this video started from (image_to_video).")
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="The value each input image was bound as on the server "
+                                          "(an uploaded name, or '<subfolder>/<file> [output]').")
     flow_attempt: int = Field(
         default=1, ge=1,
         description="The attempt of the flow run that ran it (a later attempt reuses this result).")

@@ -1,7 +1,8 @@
 """Where a generation's files go on disk: names, subfolders, no overwrites, no escapes.
 
 A file is saved as ``output_dir/<server subfolder>/{character}_d{index}_{variant}{ext}``
-(plus ``_{n}`` when one generation yields several files; ``{character}`` as :func:`safe_stem`
+(plus ``_{n}`` when one generation yields several files, and ``_video`` for the videos of an
+image-to-video run; ``{character}`` as :func:`safe_stem`
 makes it: ``Ålice Smith`` -> ``alice-smith``). An existing file is never
 overwritten: the next free name ``..._{variant}-2{ext}`` is used and logged. A later attempt of
 the same generation keeps a file with exactly the downloaded bytes where it is (tasks/generate.py).
@@ -53,8 +54,10 @@ def output_subdir(output_dir: Path, subfolder: str) -> Path:
 _EXTENSION = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
 
 
-def planned_name(character: str, index: int, variant: int, ref: OutputRef, number: int | None) -> str:
-    """``{character}_d{index}_{variant}[_{number}]{ext}``, the extension taken from the server's file.
+def planned_name(character: str, index: int, variant: int, ref: OutputRef, number: int | None,
+                 suffix: str = "") -> str:
+    """``{character}_d{index}_{variant}[_{number}]{suffix}{ext}``, the extension taken from the server's
+    file (``suffix``: ``_video`` for the videos of an image-to-video run).
 
     An extension that is not short and alphanumeric (``.png``, ``.webm``, ``.flac``) is dropped.
 
@@ -67,7 +70,7 @@ def planned_name(character: str, index: int, variant: int, ref: OutputRef, numbe
         raise OutputError(f"refusing server filename {ref.filename!r}: it is not a plain file name")
     ext = server_name.suffix if _EXTENSION.match(server_name.suffix) else ""
     counter = f"_{number}" if number is not None else ""
-    return f"{safe_stem(character)}_d{index}_{variant}{counter}{ext.lower()}"
+    return f"{safe_stem(character)}_d{index}_{variant}{counter}{suffix}{ext.lower()}"
 
 
 def candidate_paths(directory: Path, name: str) -> Iterator[Path]:

@@ -2,19 +2,23 @@
 
 - table ``{character}-{kind}-generations``: one row per generation, its columns in the order a
   reader scans them (status, description, variant, seed, total_s, files, error, then the timing
-  details, server and prompt_id); errors on one line of at most :data:`ERROR_CHARS` characters;
-- markdown ``{character}-{kind}-summary``: the verdict and the failures (full error text), then
-  the totals (wall time, generations per minute, connection facts), then the servers;
+  details, server and prompt_id; an ``image_to_video`` run adds stage and from, see
+  :func:`table_rows`); errors on one line of at most :data:`ERROR_CHARS` characters;
+- markdown ``{character}-{kind}-summary``: the verdict and the failures (full error text; a failed
+  image says how many of its videos were skipped), then the totals (wall time, generations per
+  minute, connection facts), then the servers;
 - markdown ``{character}-{kind}-gallery``: a thumbnail per generation (:mod:`.gallery`);
 - progress ``{character}-{kind}-progress``: the share of generations finished, updated live.
 
 Descriptions and variants are numbered from 1 wherever a person reads them (as in the logs);
-keys are python-slugify slugs (``Ålice`` -> ``alice``).
+keys are python-slugify slugs (``Ålice`` -> ``alice``, ``image_to_video`` -> ``image-to-video``);
+titles and descriptions name the kind the same way (:func:`.gallery.kind_text`).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 from uuid import UUID
@@ -27,7 +31,7 @@ from prefect.artifacts import (
 )
 from slugify import slugify
 
-from .gallery import ServerView, gallery_markdown
+from .gallery import ServerView, gallery_markdown, kind_text, two_stages
 from .models import GenerationResult, GenerationSpec
 
 #: The table's error column holds one line of at most this many characters (the summary has it all).
@@ -36,10 +40,13 @@ ERROR_CHARS = 120
 
 @dataclass(frozen=True)
 class Stopped:
-    """A generation that did not finish because the run was cancelled or stopped.
+    """A generation that did not finish because the run was cancelled or stopped, or that
+    never ran because the generation it starts from failed.
 
     ``status`` is ``interrupted`` (ComfyUI was running its prompt, which was interrupted by
-    ``prompt_id``) or ``cancelled`` (queued on the server and deleted, or never submitted).
+    ``prompt_id``), ``cancelled`` (queued on the server and deleted, or never submitted),
+    ``not run`` (ComfyUI refused the workflow itself for another generation) or ``skipped``
+    (a video of an ``image_to_video`` run whose image failed; never submitted).
     """
 
     status: str
@@ -76,17 +83,33 @@ def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome],
     characters; :func:`error_texts` has it whole), then ``queued_s``, ``execution_s``,
     ``download_s`` (seconds), ``server`` and ``prompt_id``.
 
+    A plan with both stages (an ``image_to_video`` run, :func:`.gallery.two_stages`) has two more
+    columns: ``stage`` (``image`` or ``video``) right after ``status``, and ``from`` right after
+    ``variant``: for a video, the image it started from (``"image 1"``: that image's variant
+    from 1, of the same description), empty for an image. There ``variant`` counts the
+    description's images and its videos apart (``image 1``, ``video 3``). Plans of one stage have
+    neither column.
+
     ``reused``: positions whose result came back from an earlier attempt of the flow run
-    (status ``reused``). A spec with no outcome (the run stopped first) is ``not run``.
+    (status ``reused``). A spec with no outcome (the run stopped first) is ``not run``; a video
+    whose image failed is ``skipped`` (a :class:`Stopped`, its reason in ``error``).
     """
+    staged = two_stages(specs)
+    by_position = {spec.position: spec for spec in specs}
     rows = []
     for spec in specs:
         outcome = outcomes.get(spec.position)
-        row = {
-            "status": "not run",
+        row = {"status": "not run"}
+        if staged:
+            row["stage"] = spec.stage
+        row.update({
             # "2: ...", not "2. ...": the UI renders a cell as markdown, and "2. " as a list item "1."
             "description": f"{spec.index + 1}: {trim(spec.description)}",
             "variant": spec.variant + 1,
+        })
+        if staged:
+            row["from"] = _started_from(spec, by_position)
+        row.update({
             "seed": spec.seed,
             "total_s": None,
             "files": "",
@@ -96,7 +119,7 @@ def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome],
             "download_s": None,
             "server": "",
             "prompt_id": spec.prompt_id,
-        }
+        })
         if isinstance(outcome, Stopped):
             row.update(status=outcome.status, error=trim(outcome.reason, ERROR_CHARS))
         elif isinstance(outcome, GenerationResult):
@@ -115,6 +138,18 @@ def table_rows(specs: list[GenerationSpec], outcomes: dict[int, Outcome],
                        prompt_id=getattr(outcome, "prompt_id", None) or spec.prompt_id)
         rows.append(row)
     return rows
+
+
+def _started_from(spec: GenerationSpec, by_position: dict[int, GenerationSpec]) -> str:
+    """The ``from`` column: ``"image 1"`` for a video (its image's variant from 1; the
+    description too if the image is another description's), ``""`` for an image."""
+    if spec.source is None:
+        return ""
+    image = by_position.get(spec.source)
+    if image is None:  # not in this plan: its position, as the logs number generations
+        return f"generation {spec.source}"
+    label = f"{image.stage} {image.variant + 1}"
+    return label if image.index == spec.index else f"description {image.index + 1}, {label}"
 
 
 def error_texts(specs: list[GenerationSpec], outcomes: dict[int, Outcome]) -> list[str]:
@@ -174,24 +209,31 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
     it the failure list shows the table's one-line errors. Generations per minute and the
     servers' busy time count this attempt's work only: a row ``reused`` from an earlier attempt
     of the flow run has its own count.
+
+    Rows of an ``image_to_video`` run (they have a ``stage`` column, see :func:`table_rows`)
+    count both stages everywhere; videos ``skipped`` because their image failed are counted in
+    the verdict and the totals, each failure names ``image N`` or ``video N`` (not ``variant
+    N``), and a failed image ends with how many of its videos were skipped.
     """
     total = len(rows)
+    staged = any("stage" in r for r in rows)
     by_status: dict[str, int] = {}
     for row in rows:
         by_status[row["status"]] = by_status.get(row["status"], 0) + 1
     ran = by_status.get("completed", 0) + by_status.get("cached", 0)
     reused = by_status.get("reused", 0)
     failed = by_status.get("failed", 0)
+    skipped = by_status.get("skipped", 0)
     stopped = by_status.get("interrupted", 0) + by_status.get("cancelled", 0)
     per_minute = (ran / facts.wall_s * 60.0) if facts.wall_s > 0 else 0.0
     headline = f"**{ran + reused} of {total} generations succeeded**"
     if reused:
         headline += f" ({ran} in this attempt, {reused} reused from an earlier attempt)"
     headline += f", {failed} failed"
-    for status in ("interrupted", "cancelled", "not run"):
+    for status in ("skipped", "interrupted", "cancelled", "not run"):
         if by_status.get(status):
             headline += f", {by_status[status]} {status}"
-    lines = [f"# {facts.character}: {facts.kind} generations", ""]
+    lines = [f"# {facts.character}: {kind_text(facts.kind)} generations", ""]
     if facts.stopped:
         lines += [f"**The run was stopped: {facts.stopped}.** Prompts still queued or running were "
                   f"removed from the server: {by_status.get('interrupted', 0)} interrupted while "
@@ -201,13 +243,20 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
         lines += ["", "## The run could not proceed", "", facts.fatal_error]
     failures = [(r, errors[i] if errors is not None else r["error"])
                 for i, r in enumerate(rows) if r["status"] == "failed"]
+    # (description, "image N") -> its videos skipped because it failed
+    skipped_from = Counter((r["description"], r["from"]) for r in rows
+                           if r["status"] == "skipped" and r.get("from"))
     if failures:
         lines += ["", "## Failures", ""]
         for r, error in failures:
             number = r["description"].split(":", 1)[0]
+            name = f"{r['stage']} {r['variant']}" if staged else f"variant {r['variant']}"
             # continuation lines indented, so that a multi-line error stays in its list item
-            lines.append(f"- description {number}, variant {r['variant']} (prompt_id `{r['prompt_id']}`): "
-                         + "\n  ".join(error.splitlines()))
+            line = (f"- description {number}, {name} (prompt_id `{r['prompt_id']}`): "
+                    + "\n  ".join(error.splitlines()))
+            if staged and r["stage"] == "image" and skipped_from[r["description"], name]:
+                line += f" — its {skipped_from[r['description'], name]} video(s) were skipped"
+            lines.append(line)
     lines += [
         "",
         "## Totals",
@@ -220,6 +269,8 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
     if facts.attempt > 1 or reused:
         lines.append(f"| reused from an earlier attempt | {reused} |")
     lines.append(f"| failed | {failed} |")
+    if staged or skipped:
+        lines.append(f"| skipped (their image failed) | {skipped} |")
     if stopped or facts.stopped:
         lines += [f"| interrupted (by the cancel) | {by_status.get('interrupted', 0)} |",
                   f"| cancelled (never ran) | {by_status.get('cancelled', 0)} |"]
@@ -284,21 +335,23 @@ def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], fact
     create_table_artifact(
         table=rows,
         key=table_key,
-        description=f"Every {facts.kind} generation for {facts.character}: status, durations (s), files, errors.",
+        description=f"Every {kind_text(facts.kind)} generation for {facts.character}: status, durations (s), "
+                    "files, errors.",
     )
     create_markdown_artifact(
         markdown=summary_markdown(rows, facts, sum(
             len(o.files) for p, o in outcomes.items() if isinstance(o, GenerationResult) and p not in reused),
             errors=error_texts(specs, outcomes)),
         key=artifact_key(facts.character, facts.kind, "summary"),
-        description=f"Summary of the {facts.kind} generations for {facts.character}.",
+        description=f"Summary of the {kind_text(facts.kind)} generations for {facts.character}.",
     )
     create_markdown_artifact(
         markdown=gallery_markdown(specs, rows, outcomes, facts.views, character=facts.character,
                                   kind=facts.kind, output_dir=os.path.abspath(facts.output_dir),
                                   table_key=table_key),
         key=artifact_key(facts.character, facts.kind, "gallery"),
-        description=f"Thumbnails of the {facts.kind} generations for {facts.character}, from the ComfyUI server.",
+        description=f"Thumbnails of the {kind_text(facts.kind)} generations for {facts.character}, "
+                    "from the ComfyUI server.",
     )
     return rows
 
@@ -312,7 +365,7 @@ class ProgressReport:
         self.artifact_id: UUID = create_progress_artifact(
             progress=0.0,
             key=artifact_key(character, kind, "progress"),
-            description=f"{kind} generations finished for {character} (of {total}).",
+            description=f"{kind_text(kind)} generations finished for {character} (of {total}).",
         )
 
     def advance(self) -> None:

@@ -15,17 +15,21 @@ from pathlib import Path
 
 __all__ = ["smoke_workflow"]
 
-#: The folder of the packaged smoke workflows: ``smoke_image.json`` (EmptyImage → SaveImage) and
-#: ``smoke_video.json`` (EmptyImage → SaveAnimatedWEBP).
+#: The folder of the packaged smoke workflows: ``smoke_image.json`` (EmptyImage → SaveImage),
+#: ``smoke_video.json`` (EmptyImage → SaveAnimatedWEBP) and ``img2video_smoke.json`` (LoadImage →
+#: RepeatImageBatch → SaveAnimatedWEBP: the video workflow of an image-to-video run).
 WORKFLOWS = Path(__file__).resolve().parent
 
 
 def smoke_workflow(kind: str = "image") -> Path:
-    """The path of the packaged smoke workflow for ``kind`` (``image`` or ``video``).
+    """The path of the packaged smoke workflow for ``kind``: ``image``, ``video``, or
+    ``image_to_video`` (the video workflow of such a run, which makes a video from ``image``).
 
     Raises:
         ValueError: another ``kind``.
     """
+    if kind in ("image_to_video", "image-to-video"):
+        return WORKFLOWS / "img2video_smoke.json"
     if kind not in ("image", "video"):
-        raise ValueError(f"no smoke workflow for kind {kind!r}: give 'image' or 'video'")
+        raise ValueError(f"no smoke workflow for kind {kind!r}: give 'image', 'video' or 'image_to_video'")
     return WORKFLOWS / f"smoke_{kind}.json"

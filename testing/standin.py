@@ -34,6 +34,23 @@ What it reproduces
   goes deaf); a socket that reconnects while its prompt runs gets ``executing {node}``.
 * Output files (real small PNGs, and byte blobs with the right magic for webp/webm/mp4/flac/gif), served
   by ``/view``; every file's bytes name the prompt id and file name so tests can tell files apart.
+* ``POST /upload/image`` as ComfyUI 0.3.64's ``image_upload`` (transcript k): multipart field ``image``,
+  form fields ``type`` (input|temp|output, default input; anything else is a 500 as on the real
+  server), ``subfolder`` and ``overwrite`` (``"true"`` or ``"1"``).  The file is kept in ``files`` under
+  ``(type, normalised subfolder, filename)``.  Without overwrite, while that name is taken: identical
+  bytes (same sha256) are a duplicate, answered under that name with nothing written; other bytes move
+  on to ``stem (1).ext``, ``stem (2).ext``, ... (the first free or identical one).  A subfolder or
+  filename that leaves the folder is a 400, so is a request without the ``image`` file or its filename.
+  The answer is ``{"name", "subfolder" (as sent), "type"}``; an ``input`` upload adds
+  ``<subfolder>/<name>`` (or ``<name>``) to ``input_images``.
+* LoadImage as ``LoadImage.VALIDATE_INPUTS`` checks it: ``"<subfolder>/<file> [output]"`` (or
+  ``[input]`` / ``[temp]``) must be in ``files`` (outputs of earlier prompts are), a plain value in
+  ``input_images``; otherwise the 400 ``custom_validation_failed`` "image - Invalid image file: <value>".
+  Its IMAGE has the size of the PNG it names when ``files`` holds one (64x64 otherwise), one grey
+  frame; as its ``IS_CHANGED`` hashes the file, it is not cached when the file's bytes changed (an
+  upload with overwrite) since the previous prompt.  RepeatImageBatch multiplies the batch by
+  ``amount``; VAEEncode gives a LATENT of the image's size (cropped to multiples of 8), as
+  EmptyLatentImage's.  KSampler takes ``denoise`` (FLOAT 0..1) as recorded.
 
 Test hooks
 ----------
@@ -82,6 +99,11 @@ Faults (methods, thread-safe, callable at any time; :meth:`StandInComfyUI.clear_
 * ``delay_views(seconds)``: every ``GET /view`` waits this long before answering (0 = off).
 * ``fail_views(k, status=503)``: the next ``k`` ``GET /view`` that find their file answer ``status``
   (a proxy or an overloaded server) instead of the file.
+* ``fail_uploads(k, status=500)``: the next ``k`` ``POST /upload/image`` answer ``status`` with a text
+  body and store nothing (no ``uploads`` record).
+* ``drop_uploads(k)``: the next ``k`` ``POST /upload/image`` are handled normally (the file is stored,
+  or found to be a duplicate, and listed in ``input_images``) but the connection is aborted before the
+  response is written (an ambiguous upload; no ``uploads`` record, as no answer left the server).
 * ``delay_prompt_posts(seconds)``: every ``POST /prompt`` waits this long before it is handled (the
   request still in transit: nothing is queued yet), then is handled and answered as usual (0 = off).
 * ``send_garbage(every_n=3)``: from now on, after every ``every_n``-th normal frame to a socket, also send
@@ -104,7 +126,14 @@ received in ``POST /queue {"delete": [...]}``, whether or not it was pending), a
 (one dict per time the worker started a prompt: ``prompt_id``, ``strings`` (the prompt's STRING input
 values), ``started`` and ``ended`` (``time.monotonic()``; ``ended`` None while it runs) and ``outcome``:
 None while it runs, ``success``, ``error``, ``interrupted``, or ``lost`` when a :meth:`restart` stopped
-it), reset by ``reset_counters()``.
+it), ``uploads`` (one dict per ``POST /upload/image`` answered with a name: ``filename`` (as sent),
+``subfolder`` (as sent), ``type`` (as answered), ``overwrite`` (bool: "true" or "1" was sent),
+``name`` (as answered), ``sha256`` (hex digest of the bytes sent), ``bytes`` (int: their length),
+``duplicate`` (bool: identical bytes were already there, nothing was written) and ``at``
+(``time.monotonic()`` when the answer was written); uploads refused by a fault, dropped or answered
+400/500 get none) and ``prompts`` (prompt id -> a copy of the ``prompt`` dict as received, for every
+``POST /prompt`` that was queued, dropped ones included), all reset by ``reset_counters()``.
+``executions`` records carry ``started``/``ended``, so tests can compare when prompts ran.
 """
 
 from __future__ import annotations
@@ -115,7 +144,7 @@ import concurrent.futures
 import copy
 import hashlib
 import json
-import os
+import posixpath
 import random
 import re
 import socket
@@ -258,8 +287,8 @@ _IMG_HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
 def _fallback_object_info() -> dict[str, Any]:
     """Plausible /object_info entries for every class the stand-in knows.
 
-    Used for classes that are not in the recorded subset (SaveAudio, LoadAudio, VHS_VideoCombine) and
-    for all classes when the recorded file cannot be found.
+    Used for classes that are not in the recorded subset (VAEEncode, SaveAudio,
+    LoadAudio, VHS_VideoCombine) and for all classes when the recorded file cannot be found.
     """
     img = ["IMAGE"]
     prefix = ["STRING", {"default": "ComfyUI"}]
@@ -448,7 +477,19 @@ def _fallback_object_info() -> dict[str, Any]:
         "VAEDecode", required={"samples": ["LATENT", {}], "vae": ["VAE", {}]}, output=["IMAGE"],
         category="latent", display_name="VAE Decode",
     )
+    # As recorded with transcript k (the shared object_info_subset.json of that recording).
+    e["RepeatImageBatch"] = _entry(
+        "RepeatImageBatch",
+        required={"image": ["IMAGE"], "amount": ["INT", {"default": 1, "min": 1, "max": 4096}]},
+        output=["IMAGE"],
+        category="image/batch",
+        python_module="comfy_extras.nodes_images",
+    )
     # Classes that are not in the recorded subset (minimal plausible entries).
+    e["VAEEncode"] = _entry(
+        "VAEEncode", required={"pixels": ["IMAGE"], "vae": ["VAE"]}, output=["LATENT"], category="latent",
+        display_name="VAE Encode",
+    )
     e["SaveAudio"] = _entry(
         "SaveAudio",
         required={"audio": ["AUDIO", {}], "filename_prefix": ["STRING", {"default": "audio/ComfyUI"}]},
@@ -520,6 +561,9 @@ class _Img:
 
 
 class _Latent:
+    """A LATENT batch: ``w``x``h`` are the size in pixels of the image it decodes to (the latent itself
+    is ``w/8``x``h/8``), ``seed`` what VAEDecode derives its colour from."""
+
     __slots__ = ("w", "h", "batch", "seed")
 
     def __init__(self, w: int, h: int, batch: int, seed: int = 0):
@@ -591,6 +635,39 @@ def make_png(w: int, h: int, rgb: tuple[int, int, int], text: dict[str, str] | N
     out.append(_png_chunk(b"IDAT", _png_idat(w, h, rgb)))
     out.append(_png_chunk(b"IEND", b""))
     return b"".join(out)
+
+
+def _png_size(data: bytes | None) -> tuple[int, int] | None:
+    """``(width, height)`` in pixels from a PNG's IHDR chunk; None when ``data`` is not a PNG."""
+    if not data or len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    w, h = struct.unpack(">II", data[16:24])
+    return (w, h) if w > 0 and h > 0 else None
+
+
+#: The folder annotations of ``folder_paths.annotated_filepath``, in the order ComfyUI tries them.
+ANNOTATIONS = ("output", "input", "temp")
+
+
+def _annotated_file(value: str) -> tuple[str | None, str | None, str]:
+    """Where a LoadImage value points: ``(folder type or None, subfolder, filename)``.
+
+    As ComfyUI's ``folder_paths.annotated_filepath``: a value ending in ``[output]`` / ``[input]`` /
+    ``[temp]`` names a path in that folder (the tag and the one character before it, normally a
+    space, are cut off); any other value is a path in the input folder (type None).  The path is
+    normalised (``a/./b/../c.png`` -> ``a/c.png``); ``subfolder`` is None when it leaves the folder
+    or names the folder itself.
+    """
+    kind = None
+    for tag in ANNOTATIONS:
+        if value.endswith(f"[{tag}]"):
+            kind, value = tag, value[: -len(tag) - 3]
+            break
+    path = posixpath.normpath(value) if value else "."
+    if path == "." or path.startswith("/") or path == ".." or path.startswith("../"):
+        return kind, None, path
+    sub, name = posixpath.split(path)
+    return kind, sub, name
 
 
 def _blob(ext: str, tag: str) -> bytes:
@@ -762,10 +839,12 @@ class StandInComfyUI:
     ``ws_open_now``, ``max_ws_open``, ``requests`` (Counter of ``(METHOD, route)``),
     ``posts_per_prompt_id`` (POST /prompt bodies carrying each client-chosen ``prompt_id``),
     ``max_in_flight``, ``executed_prompt_ids``, ``executions_per_prompt_id``, ``interrupts``,
-    ``deletes``, ``executions``, ``headers_seen`` and ``files`` (``(type, subfolder, filename) -> bytes``).
+    ``deletes``, ``executions``, ``uploads``, ``prompts``, ``headers_seen`` and ``files``
+    (``(type, subfolder, filename) -> bytes``: outputs, previews and uploads).
 
     Faults (see the module docstring): :meth:`close_ws_after`, :meth:`restart`,
-    :meth:`fail_prompt_posts`, :meth:`drop_prompt_posts`, :meth:`truncate_views`, :meth:`delay_views`,
+    :meth:`fail_prompt_posts`, :meth:`drop_prompt_posts`, :meth:`fail_uploads`, :meth:`drop_uploads`,
+    :meth:`truncate_views`, :meth:`delay_views`,
     :meth:`send_garbage`, :meth:`send_huge_binary`, the knobs ``request_latency_s`` and
     ``output_size_bytes``; :meth:`clear_faults` ends them all.
     """
@@ -836,6 +915,8 @@ class StandInComfyUI:
         self.executions: list[dict] = []  # one record per execution, see the module docstring
         self._open_executions: dict[int, dict] = {}  # id(item) -> its record while it runs
         self.headers_seen: list[dict] = []
+        self.uploads: list[dict] = []  # one record per answered POST /upload/image, see the module docstring
+        self.prompts: dict[str, dict] = {}  # prompt id -> the prompt as received, for every queued POST /prompt
 
         # Faults (guarded by self._lock; see clear_faults()).
         self.request_latency_s: float = 0.0
@@ -858,6 +939,9 @@ class StandInComfyUI:
         self._fail_views_status = 503
         self._view_delay_s = 0.0
         self._post_delay_s = 0.0
+        self._fail_uploads = 0
+        self._fail_uploads_status = 500
+        self._drop_uploads = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1010,8 +1094,10 @@ class StandInComfyUI:
 
     def reset_counters(self) -> None:
         """Reset the records (requests, headers, ws counts, in-flight peak, executed ids, executions,
-        interrupts, deletes); keeps state."""
+        interrupts, deletes, uploads, prompts); keeps state."""
         with self._lock:
+            self.uploads.clear()
+            self.prompts.clear()
             self.requests.clear()
             self.posts_per_prompt_id.clear()
             self.headers_seen.clear()
@@ -1039,7 +1125,8 @@ class StandInComfyUI:
     # ------------------------------------------------------------------ faults
 
     def clear_faults(self) -> None:
-        """End every fault: socket closing, garbage, POST /prompt and /view faults, the latency knobs.
+        """End every fault: socket closing, garbage, POST /prompt, /upload/image and /view faults, the
+        latency knobs.
 
         A server that is down after :meth:`restart` listens again at once.  The ``[[flaky]]`` seen
         texts are kept (they are the server's memory, not a fault).
@@ -1055,6 +1142,9 @@ class StandInComfyUI:
             self._fail_views = 0
             self._view_delay_s = 0.0
             self._post_delay_s = 0.0
+            self._fail_uploads = 0
+            self._fail_uploads_status = 500
+            self._drop_uploads = 0
             self.request_latency_s = 0.0
             self.output_size_bytes = 0
             down = self._down
@@ -1087,6 +1177,18 @@ class StandInComfyUI:
         is aborted before anything is written."""
         with self._lock:
             self._drop_posts = max(0, int(k))
+
+    def fail_uploads(self, k: int, status: int = 500) -> None:
+        """The next ``k`` ``POST /upload/image`` answer ``status`` with a text body and store nothing."""
+        with self._lock:
+            self._fail_uploads = max(0, int(k))
+            self._fail_uploads_status = int(status)
+
+    def drop_uploads(self, k: int) -> None:
+        """The next ``k`` ``POST /upload/image`` are handled (the file is stored) but get no response:
+        the connection is aborted before anything is written."""
+        with self._lock:
+            self._drop_uploads = max(0, int(k))
 
     def truncate_views(self, k: int) -> None:
         """The next ``k`` successful ``GET /view`` send the full Content-Length but half the body."""
@@ -1584,25 +1686,117 @@ class StandInComfyUI:
         return response  # aiohttp's write_eof meets a closed transport and gives up quietly
 
     async def _h_upload_image(self, request):
+        """``POST /upload/image``, with the ``fail_uploads`` / ``drop_uploads`` faults around it."""
+        with self._lock:
+            fail = self._fail_uploads > 0
+            if fail:
+                self._fail_uploads -= 1
+            status = self._fail_uploads_status
+            drop = not fail and self._drop_uploads > 0
+            if drop:
+                self._drop_uploads -= 1
+        if fail:
+            try:
+                await request.read()
+            except Exception as exc:
+                log.debug("stand-in: ignored %s: %s", type(exc).__name__, exc)  # client already gone
+            try:
+                phrase = HTTPStatus(status).phrase
+            except ValueError:
+                phrase = "Error"
+            return web.Response(status=status, text=f"{status} {phrase}\n\nstand-in fault: POST /upload/image refused")
+        transport = request.transport
+        response, record = await self._upload_image(request)
+        if drop and transport is not None:
+            transport.abort()  # stored (or rejected) but the client never hears about it
+            return response  # writing it meets a closed transport; aiohttp gives up quietly
+        if record is not None:
+            record["at"] = time.monotonic()
+            with self._lock:
+                self.uploads.append(record)
+        return response
+
+    def _is_folder(self, kind: str, rel: str) -> bool:
+        """Whether ``rel`` (a normalised path in the ``kind`` folder) is a folder holding stored files."""
+        if rel == ".":
+            return True
+        with self._lock:
+            return any(k == kind and (sub == rel or sub.startswith(rel + "/")) for k, sub, _ in self.files)
+
+    async def _upload_image(self, request) -> tuple[web.Response, dict | None]:
+        """ComfyUI 0.3.64's ``image_upload`` (server.py) on the stand-in's ``files``: the response and the
+        ``uploads`` record (None when nothing was answered 200).
+
+        Form fields: ``image`` (the file), ``type`` (``input`` when absent; any other value than
+        input/temp/output is a 500, as the real ``get_dir_by_type`` leaves its folder unbound),
+        ``subfolder`` and ``overwrite``.  The file lands at ``<type>/<normpath(subfolder)>/<filename>``
+        (a filename with ``/`` goes deeper); a path that leaves the folder is a 400.  Without overwrite
+        (``"true"`` or ``"1"``), while the path is taken: identical bytes (same sha256) are a duplicate
+        (answered under that name, nothing written), otherwise the name becomes ``stem (i).ext`` for
+        i = 1, 2, ...  The answer echoes the subfolder as sent.
+        """
         try:
             form = await request.post()
         except Exception:
-            return web.Response(status=400)
-        upload = form.get("image")
-        if upload is None or not hasattr(upload, "file"):
-            return web.Response(status=400)
-        subfolder = str(form.get("subfolder", "") or "")
-        kind = str(form.get("type", "input") or "input")
-        name = os.path.basename(upload.filename or "upload.png")
-        if subfolder.startswith("/") or ".." in subfolder or not name:
-            return web.Response(status=400)
-        data = upload.file.read()
+            return web.Response(status=500, text=ERROR_500_TEXT), None
+        image = form.get("image")
+        overwrite = form.get("overwrite")
+        kind = form.get("type")
+        if kind is None:
+            kind = "input"
+        if kind not in ANNOTATIONS:  # UnboundLocalError in get_dir_by_type
+            return web.Response(status=500, text=ERROR_500_TEXT), None
+        if not image:
+            return web.Response(status=400), None
+        if not hasattr(image, "file"):  # a plain form field: 'str' object has no attribute 'file'
+            return web.Response(status=500, text=ERROR_500_TEXT), None
+        filename = image.filename
+        if not filename:
+            return web.Response(status=400), None
+        subfolder = form.get("subfolder", "")
+        if not isinstance(subfolder, str):
+            return web.Response(status=500, text=ERROR_500_TEXT), None
+        root = f"/comfyui/{kind}"
+        folder = posixpath.join(root, posixpath.normpath(subfolder))
+        filepath = posixpath.normpath(posixpath.join(folder, filename))
+        if posixpath.commonpath((root, filepath)) != root:
+            return web.Response(status=400), None
+
+        def key_of(path: str) -> tuple[str, str, str]:
+            rel = posixpath.relpath(posixpath.normpath(path), root)
+            sub, base = posixpath.split(rel)
+            return kind, sub, base
+
+        data = image.file.read()
+        digest = hashlib.sha256(data).hexdigest()
+        replace = overwrite is not None and overwrite in ("true", "1")
+        name, duplicate = filename, False
+        stem, ext = posixpath.splitext(filename)
+        i = 1
+        while True:
+            rel = posixpath.relpath(posixpath.normpath(filepath), root)
+            if self._is_folder(kind, rel):  # open() of a folder: IsADirectoryError
+                return web.Response(status=500, text=ERROR_500_TEXT), None
+            with self._lock:
+                existing = self.files.get(key_of(filepath))
+            if replace or existing is None:
+                break
+            if hashlib.sha256(existing).hexdigest() == digest:
+                duplicate = True
+                break
+            name = f"{stem} ({i}){ext}"
+            filepath = posixpath.join(folder, name)
+            i += 1
+        key = key_of(filepath)
+        listed = f"{key[1]}/{key[2]}" if key[1] else key[2]
         with self._lock:
-            self.files[(kind, subfolder, name)] = data
-        listed = f"{subfolder}/{name}" if subfolder else name
-        if kind == "input" and listed not in self.input_images:
-            self.input_images.append(listed)
-        return web.json_response({"name": name, "subfolder": subfolder, "type": kind})
+            if not duplicate:
+                self.files[key] = data
+            if kind == "input" and listed not in self.input_images:
+                self.input_images.append(listed)
+        record = {"filename": filename, "subfolder": subfolder, "type": kind, "overwrite": replace, "name": name,
+                  "sha256": digest, "bytes": len(data), "duplicate": duplicate, "at": None}
+        return web.json_response({"name": name, "subfolder": subfolder, "type": kind}), record
 
     # ------------------------------------------------------------------ WebSocket
 
@@ -1771,6 +1965,7 @@ class StandInComfyUI:
             self._seq += 1
             item = _Item(number, self._seq, prompt_id, prompt, extra, good_outputs)
             self._pending.append(item)
+            self.prompts[prompt_id] = copy.deepcopy(prompt)
             self.max_in_flight = max(self.max_in_flight, len(self._pending) + len(self._running))
         self._broadcast_status()
         if self._wake is not None:
@@ -1899,6 +2094,30 @@ class StandInComfyUI:
         validated[nid] = (valid, errors)
         return valid, errors
 
+    def _image_file(self, value: Any) -> tuple[str, str, str] | None:
+        """The ``files`` key a LoadImage ``image`` value names, or None when LoadImage would refuse it.
+
+        As ``LoadImage.VALIDATE_INPUTS`` -> ``folder_paths.exists_annotated_filepath``: a value ending
+        in `` [output]`` / `` [input]`` / `` [temp]`` names ``<subfolder>/<file>`` in that folder and is
+        valid when ``files`` holds ``(type, subfolder, file)`` (outputs and previews of earlier prompts,
+        uploads); a plain value names a file in the input folder and is valid when it is in
+        ``input_images`` (the key returned is then ``("input", subfolder, file)``, which ``files`` holds
+        for uploads only).  An `` [input]`` value is also valid when its path is in ``input_images``.
+        Non-string values and paths that leave their folder are invalid.
+        """
+        if not isinstance(value, str):
+            return None
+        kind, sub, name = _annotated_file(value)
+        if sub is None:
+            return None
+        listed = f"{sub}/{name}" if sub else name
+        with self._lock:
+            if kind is None:
+                known = value in self.input_images or listed in self.input_images
+            else:
+                known = (kind, sub, name) in self.files or (kind == "input" and listed in self.input_images)
+        return (kind or "input", sub, name) if known else None
+
     @staticmethod
     def _types_match(received: str, expected: Any) -> bool:
         if expected == "*" or received == "*":
@@ -1914,8 +2133,8 @@ class StandInComfyUI:
         opts = _input_opts(config)
         options = _combo_options(config)
         if options is not None:
-            if class_type == "LoadImage" and name == "image":
-                if value not in options:
+            if class_type == "LoadImage" and name == "image":  # VALIDATE_INPUTS replaces the list check
+                if self._image_file(value) is None:
                     return {"type": "custom_validation_failed", "message": "Custom validation failed for node",
                             "details": f"{name} - Invalid image file: {value}", "extra_info": {"input_name": name}}
                 return None
@@ -2008,6 +2227,11 @@ class StandInComfyUI:
                 else:
                     parts.append([name, "value", value])
             extra = nonce + nid if node.get("class_type") in NEVER_CACHED else None
+            if node.get("class_type") == "LoadImage":  # its IS_CHANGED is the sha256 of the file
+                key = self._image_file(inputs.get("image"))
+                with self._lock:
+                    data = self.files.get(key) if key is not None else None
+                extra = hashlib.sha256(data).hexdigest() if data is not None else None
             text = json.dumps([node.get("class_type"), parts, extra], sort_keys=True, default=str)
             sigs[nid] = hashlib.sha256(text.encode()).hexdigest()
             return sigs[nid]
@@ -2404,7 +2628,19 @@ class StandInComfyUI:
             rgb = tuple(int(round(x * (1 - factor) + y * factor)) for x, y in zip(a.rgb, b.rgb))
             return (_Img(a.w, a.h, max(a.batch, b.batch), rgb),)
         if cls == "LoadImage":
-            return (_Img(64, 64, 1, (128, 128, 128)), _Opaque("MASK", inp.get("image")))
+            # One grey image: the PNG's size when the value names a PNG in ``files``, else 64x64.
+            key = self._image_file(inp.get("image"))
+            with self._lock:
+                size = _png_size(self.files.get(key)) if key is not None else None
+            w, h = size or (64, 64)
+            return (_Img(w, h, 1, (128, 128, 128)), _Opaque("MASK", inp.get("image")))
+        if cls == "RepeatImageBatch":
+            img = image("image")
+            return (_Img(img.w, img.h, img.batch * int(inp.get("amount", 1)), img.rgb),)
+        if cls == "VAEEncode":
+            # Like VAE.encode, the pixels are cropped to multiples of 8; the seed carries the image.
+            img = image("pixels")
+            return (_Latent(img.w // 8 * 8, img.h // 8 * 8, img.batch, ("VAEEncode", img.rgb)),)
         if cls == "LoadAudio":
             return (_Opaque("AUDIO", inp.get("audio")),)
         if cls == "CheckpointLoaderSimple":

@@ -29,7 +29,13 @@ def test_parameter_schema_gives_a_form_with_types():
     assert schema["required"] == ["server", "workflow", "descriptions"]
     assert props["descriptions"]["type"] == "array"
     assert props["variants"]["type"] == "integer" and props["variants"]["minimum"] == 1
-    assert props["kind"]["enum"] == ["image", "video"]
+    assert props["kind"]["enum"] == ["image", "video", "image_to_video"]
+    # image-to-video: the video workflow is a second workflow choice; rows carry their own images
+    assert list(_choices(schema, props["video_workflow"])) == ["Saved workflow", "Workflow file"]
+    assert props["video_workflow"]["default"] == "" and props["image_variants"]["default"] == 1
+    assert props["inputs"]["additionalProperties"] == {"type": "string"}
+    row = schema["definitions"]["DescriptionRow"]
+    assert row["required"] == ["description"] and row["additionalProperties"] == {"type": "string"}
     definitions = schema.get("definitions", {})
     assert definitions["SeedMode"]["enum"] == ["random", "fixed", "increment"]
     assert all(p.get("description") for p in props.values())

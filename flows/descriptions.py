@@ -1,0 +1,140 @@
+"""Descriptions with their own inputs: the rows of a CSV or JSON Lines file, or of the flow's parameter.
+
+A run's ``descriptions`` are plain texts, or rows that carry a description and named input
+images, so that each description can have its own start image or reference::
+
+    description,image
+    alice waving,refs/alice_wave.png
+    alice running,refs/alice_run.png
+
+Every column besides ``description`` names a workflow parameter bound to an image (see
+``blocks/inputs.py``); an empty cell leaves that parameter to the run's ``inputs`` (or the
+workflow's own value). In a file, a relative path is taken from the file's directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["DescriptionRow", "Description", "read_descriptions_file", "texts_and_inputs"]
+
+
+class DescriptionRow(BaseModel):
+    """One description and its input images: ``{"description": "...", "image": "/path/a.png"}``.
+
+    Every field besides ``description`` is an input image path (str), bound to the workflow
+    parameter of that name for this description's generations.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, str] = Field(init=False)
+
+    description: str = Field(min_length=1, description="The text description.")
+
+    @field_validator("description")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the description is empty")
+        return value
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        """``{parameter: path}`` of this row's input images (empty values left out)."""
+        return {name: path for name, path in (self.__pydantic_extra__ or {}).items() if path.strip()}
+
+
+#: A description as the flow takes it: a text, or a row with input images.
+Description = Union[str, DescriptionRow]
+
+
+def texts_and_inputs(descriptions: list[Description]) -> tuple[list[str], list[dict[str, str]]]:
+    """``(texts, inputs)``: each description's text, and its own input image paths (``{}`` for a text)."""
+    texts, inputs = [], []
+    for item in descriptions:
+        if isinstance(item, DescriptionRow):
+            texts.append(item.description)
+            inputs.append(item.inputs)
+        else:
+            texts.append(item)
+            inputs.append({})
+    return texts, inputs
+
+
+def _row(data: object, where: str, base: Path) -> DescriptionRow:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object with a 'description', got {type(data).__name__}")
+    if "description" not in data:
+        raise ValueError(f"{where}: no 'description' (its fields: {', '.join(map(str, data)) or 'none'})")
+    fields = {}
+    for key, value in data.items():
+        if key != "description" and value is not None and not isinstance(value, str):
+            raise ValueError(f"{where}: {key!r} must be an image path (a string), got {value!r}")
+        if key != "description" and value and value.strip() and not Path(value.strip()).expanduser().is_absolute():
+            value = str(base / value.strip())  # relative to the file, not to where the command runs
+        fields[key] = value if key == "description" else (value or "").strip()
+    try:
+        return DescriptionRow(**fields)
+    except ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"{where}: {reasons}") from None
+
+
+def read_descriptions_file(path: Path) -> list[Description]:
+    """The descriptions of a file, by its extension.
+
+    * ``.csv``: a header row with a ``description`` column, then one row per description (other
+      columns: input images);
+    * ``.jsonl`` / ``.ndjson``: one JSON object per line, ``{"description": ..., "image": ...}``, or
+      a JSON string;
+    * anything else: one description per line.
+
+    Blank lines and lines starting with ``#`` are skipped (in a text or JSON Lines file). Relative
+    image paths are taken from the file's directory.
+
+    Raises:
+        ValueError: the file cannot be read as UTF-8, or a row is not valid (the message names
+            the file and line).
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read as UTF-8 text: {exc}") from None
+    base = path.expanduser().absolute().parent
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or "description" not in [f.strip() for f in reader.fieldnames]:
+            raise ValueError(f"{path}: the first row must name the columns, one of them 'description' "
+                             f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})")
+        rows: list[Description] = []
+        for number, record in enumerate(reader, start=2):
+            if None in record:
+                raise ValueError(f"{path}, line {number}: more cells than columns")
+            record = {k.strip(): v for k, v in record.items()}
+            if not any((v or "").strip() for v in record.values()):
+                continue
+            rows.append(_row(record, f"{path}, line {number}", base))
+        return rows
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                data = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
+            if isinstance(data, str):
+                if not data.strip():
+                    raise ValueError(f"{path}, line {number}: the description is empty")
+                rows.append(data)
+            else:
+                rows.append(_row(data, f"{path}, line {number}", base))
+        return rows
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]

@@ -1,0 +1,110 @@
+"""Image-to-video in one flow run: every description's image first, each video as soon as ITS
+image is done, with that image as its start image (by ``[output]`` on the same server, by an
+upload on another); a failed image skips its videos. Prefect's local API, stand-ins over real
+sockets, files on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from comfy_pipeline.blocks.server import ComfyUIServer, ComfyUIServerPool
+from comfy_pipeline.flows.generate_content import generate_content
+from tests.conftest import EXAMPLES
+from tests.standin import StandInComfyUI
+from tests.test_flow import artifacts_of, table_of
+
+pytestmark = pytest.mark.usefixtures("prefect_api", "no_leaked_threads")
+
+SMOKE_IMAGE = str(EXAMPLES / "smoke_image.json")
+IMG2VIDEO = str(EXAMPLES / "img2video_smoke.json")
+# The description goes verbatim into CLIPTextEncode's text: the stand-in's [[fail]] marker works.
+SD15 = str(EXAMPLES / "sd15_txt2img.json")
+
+
+def image_to_video(server, tmp_path: Path, descriptions, **kwargs):
+    kwargs.setdefault("workflow", SMOKE_IMAGE)
+    return generate_content(server=server, descriptions=descriptions, kind="image_to_video",
+                            video_workflow=IMG2VIDEO, character="Alice", output_dir=str(tmp_path / "out"),
+                            return_state=True, **kwargs)
+
+
+def load_image_values(comfy: StandInComfyUI) -> dict[str, str]:
+    """``{prompt_id: LoadImage's image input}`` of every prompt the stand-in accepted that has one."""
+    return {pid: node["inputs"]["image"] for pid, prompt in comfy.prompts.items()
+            for node in prompt.values() if node.get("class_type") == "LoadImage"}
+
+
+def test_each_video_starts_from_its_own_descriptions_image_by_output_annotation(comfy, tmp_path):
+    comfy.execution_time_s = 0.3
+    state = image_to_video(ComfyUIServer(url=comfy.url, max_in_flight=8), tmp_path,
+                           ["a red fox", "a blue bird", "a green frog"], variants=2)
+    assert state.is_completed(), state.message
+    results = state.result()
+    images = [r for r in results if r.kind == "image"]
+    videos = [r for r in results if r.kind == "video"]
+    assert len(images) == 3 and len(videos) == 6
+    # Each video's LoadImage read its own description's image, on the server that made it: no upload.
+    image_of = {r.index: r.files[0] for r in images}
+    loaded = load_image_values(comfy)
+    for video in videos:
+        made = image_of[video.index]
+        expected = f"{made.subfolder}/{made.server_filename} [output]"
+        assert loaded[video.prompt_id] == expected
+        assert video.inputs == {"image": expected}
+        assert video.source is not None
+    assert comfy.uploads == []
+    # Both stages' files are kept, named after the description and variant.
+    names = sorted(Path(f.path).name for r in results for f in r.files)
+    assert names == sorted([f"alice_d{d}_0.png" for d in range(3)]
+                           + [f"alice_d{d}_{v}_video.webp" for d in range(3) for v in range(2)])
+    # The first video ran before the last image was done: videos do not wait for every image.
+    started = {e["prompt_id"]: e for e in comfy.executions}
+    last_image_done = max(started[r.prompt_id]["ended"] for r in images)
+    first_video_start = min(started[r.prompt_id]["started"] for r in videos)
+    assert first_video_start < last_image_done
+
+
+def test_a_video_on_another_server_gets_its_image_by_one_upload(tmp_path):
+    with StandInComfyUI(execution_time_s=0.5) as first, StandInComfyUI(execution_time_s=0.5) as second:
+        pool = ComfyUIServerPool.of([ComfyUIServer(url=first.url, max_in_flight=1),
+                                     ComfyUIServer(url=second.url, max_in_flight=1)])
+        state = image_to_video(pool, tmp_path, ["a red fox"], variants=2)
+        assert state.is_completed(), state.message
+        results = state.result()
+        image = next(r for r in results if r.kind == "image")
+        videos = [r for r in results if r.kind == "video"]
+        made_on, other = (first, second) if image.server == first.url else (second, first)
+        # one video ran where the image was made (read by annotation), the other one elsewhere
+        assert sorted(v.server for v in videos) == sorted([first.url, second.url])
+        assert made_on.uploads == []
+        assert len(other.uploads) == 1
+        upload = other.uploads[0]
+        assert upload["type"] == "input" and upload["subfolder"].startswith("comfy-pipeline/")
+        there = next(v for v in videos if v.server == other.url)
+        assert load_image_values(other)[there.prompt_id] == f"{upload['subfolder']}/{upload['name']}"
+        assert Path(image.files[0].path).read_bytes() == other.files[("input", upload["subfolder"], upload["name"])]
+
+
+def test_a_failed_image_skips_its_videos_and_the_run_names_its_error(comfy, tmp_path):
+    comfy.execution_time_s = 0.2
+    state = image_to_video(ComfyUIServer(url=comfy.url, max_in_flight=4), tmp_path,
+                           ["a red fox", "a blue bird [[fail]]", "a green frog"], variants=2, workflow=SD15,
+                           retries=0)
+    assert state.is_failed()
+    assert "stand-in failure requested" in state.message and "skipped" in state.message
+    rows = table_of(state)
+    by_status: dict[str, list] = {}
+    for row in rows:
+        by_status.setdefault(row["status"], []).append(row)
+    assert len(by_status["failed"]) == 1 and by_status["failed"][0]["stage"] == "image"
+    assert len(by_status["skipped"]) == 2
+    assert all(r["description"].startswith("2:") and r["stage"] == "video" for r in by_status["skipped"])
+    assert all(r["error"].startswith("its image (description 2, image 1) failed: NodeExecutionError")
+               for r in by_status["skipped"])
+    assert len(by_status["completed"]) + len(by_status.get("cached", [])) == 6
+    # the skipped videos were never sent: 3 images + 4 videos reached the server
+    assert len(comfy.prompts) == 7
+    summary = artifacts_of(state)["summary"].data
+    assert "2 skipped" in summary and "its 2 video(s) were skipped" in summary
