@@ -361,7 +361,8 @@ def run_preflight(pool: "ConnectionPool", workflow: "ComfyUIWorkflow",
     return left_out
 
 
-def is_workflow_wide(error: PromptValidationError, workflow: "ComfyUIWorkflow") -> bool:
+def is_workflow_wide(error: PromptValidationError, workflow: "ComfyUIWorkflow",
+                     per_generation: Sequence[str] = PER_GENERATION) -> bool:
     """Whether every generation of the run would meet this ``POST /prompt`` 400 (the cause is the
     workflow itself, not one generation's values).
 
@@ -369,6 +370,8 @@ def is_workflow_wide(error: PromptValidationError, workflow: "ComfyUIWorkflow") 
     ``node_errors`` entry is about an input no per-generation parameter (:data:`PER_GENERATION`:
     the description, seed, index, variant) writes; an entry that names no input counts as
     per-generation when its node has such an input. False for any other 400 (a proxy's, say).
+    ``per_generation``: the parameters that vary (add the generation's input images: a 400 about
+    one of them, e.g. a file the server lost, is that generation's).
     """
     kind = error.error.get("type")
     if kind in ("invalid_prompt", "prompt_no_outputs") or (
@@ -376,7 +379,7 @@ def is_workflow_wide(error: PromptValidationError, workflow: "ComfyUIWorkflow") 
         return True
     if kind != "prompt_outputs_failed_validation":
         return False
-    varying = workflow.bound_inputs(PER_GENERATION)
+    varying = workflow.bound_inputs(per_generation)
     varying_nodes = {node_id for node_id, _ in varying}
     for node_id, entry in error.node_errors.items():
         errors = entry.get("errors") if isinstance(entry, Mapping) else None

@@ -61,11 +61,13 @@ RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
 @dataclass(frozen=True)
 class Failure:
     """A generation that failed for good: its ``description``, 0-based ``variant`` and ``error``
-    (``"Type: message"``, possibly several lines)."""
+    (``"Type: message"``, possibly several lines); ``label``: how the task named its variant
+    (``variant 2/2``, or ``image 1/1`` / ``video 2/4`` in an image-to-video run), if it did."""
 
     description: str
     variant: int
     error: str
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,11 @@ class Counts:
     running: int
     queued: int
     total: int
+    skipped: int = 0  #: videos of an image-to-video run whose image failed (never sent)
 
     @property
     def finished(self) -> int:
-        return self.done + self.failed
+        return self.done + self.failed + self.skipped
 
 
 class Tally:
@@ -100,6 +103,7 @@ class Tally:
         self._lock = threading.Lock()
         self._done: dict[int, dict] = {}
         self._failed: dict[int, Failure] = {}
+        self._skipped: set[int] = set()
         self._running: set[int] = set()
 
     def apply(self, milestone: dict) -> bool:
@@ -119,15 +123,20 @@ class Tally:
                 self._failed.pop(position, None)
                 self._done[position] = milestone
                 return True
+            if event == "skipped":
+                self._skipped.add(position)
             if event == "failed":
                 self._failed[position] = Failure(str(milestone.get("description", "")),
-                                                 int(milestone.get("variant", 0)), str(milestone.get("error", "")))
+                                                 int(milestone.get("variant", 0)), str(milestone.get("error", "")),
+                                                 str(milestone.get("label") or ""))
             return False
 
     def counts(self) -> Counts:
         with self._lock:
             done, failed, running = len(self._done), len(self._failed), len(self._running)
-        return Counts(done, failed, running, max(0, self.total - done - failed - running), self.total)
+            skipped = len(self._skipped - set(self._done))
+        return Counts(done, failed, running, max(0, self.total - done - failed - running - skipped), self.total,
+                      skipped)
 
     def failures(self) -> list[Failure]:
         """The generations that failed, in plan order."""
@@ -234,7 +243,8 @@ class _Board(Progress):
         """Update the bar and the counts (any thread)."""
         self.update(self.task_id, completed=counts.finished,
                     counts=f"{counts.done}/{counts.total} done · {counts.failed} failed · "
-                           f"{counts.running} running · {counts.queued} queued")
+                           + (f"{counts.skipped} skipped · " if counts.skipped else "")
+                           + f"{counts.running} running · {counts.queued} queued")
 
 
 class RunDisplay:
@@ -356,8 +366,9 @@ class RunDisplay:
         done = self.tally.counts().done
         files = len(milestone.get("files") or [])
         cached = ", cached" if milestone.get("cached") else ""
+        label = milestone.get("label") or f"variant {milestone['variant'] + 1}/{self.variants}"
         return (f"[{done}/{self.tally.total} done] description {milestone['index'] + 1}/{self.descriptions}, "
-                f"variant {milestone['variant'] + 1}/{self.variants} ({trim(milestone['description'])!r}): "
+                f"{label} ({trim(milestone['description'])!r}): "
                 f"{files} file(s) in {milestone.get('total_s', 0.0):.1f} s{cached}")
 
     def status_line(self) -> str:
@@ -410,7 +421,8 @@ def print_end(display: RunDisplay, *, output_dir: str, files: Optional[list[str]
     if failures:
         console.print(Text(f"{len(failures)} failed generation(s):", style="bold red"))
         shown = failures[:FAILED_ROWS]
-        rows = [(trim(f.description, DESCRIPTION_CHARS), f"{f.variant + 1}/{display.variants}") for f in shown]
+        rows = [(trim(f.description, DESCRIPTION_CHARS),
+                 f.label.replace("variant ", "") if f.label else f"{f.variant + 1}/{display.variants}") for f in shown]
         widths = [max(len(header), *(len(row[i]) for row in rows)) for i, header in enumerate(("description", "variant"))]
         error_chars = max(30, min(ERROR_CHARS, console.width - sum(widths) - 10))  # and the space between columns
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)

@@ -38,7 +38,7 @@ from ..blocks.preflight import run_preflight
 from ..blocks.workflow import (ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding,
                                require_start_image_binding)
 from ..tasks.gallery import server_views
-from ..tasks.generate import (flow_attempt, flow_attempts_prompt_ids, generate, one_line_failures,
+from ..tasks.generate import (flow_attempt, flow_attempts_prompt_ids, generate, milestone, one_line_failures,
                               with_moved_copies, workflow_params)
 from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind, Stage
 from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, describe_error, write_report
@@ -237,6 +237,9 @@ class _Generations:
     def _skip(self, specs: list[GenerationSpec], reason: str, status: str = "skipped") -> None:
         for spec in specs:
             self.outcomes[spec.position] = Stopped(status, reason)
+            get_run_logger().info("[%d/%d] description %d, video %d: %s, %s", spec.position, spec.total,
+                                  spec.index + 1, spec.variant + 1, status, reason,
+                                  extra=milestone("skipped" if status == "skipped" else "cancelled", spec))
             if self.counting and self.progress is not None:
                 self.progress.advance()
 

@@ -45,7 +45,7 @@ from ..blocks.errors import (
     ServerError,
     ServerUnreachable,
 )
-from ..blocks.preflight import is_workflow_wide
+from ..blocks.preflight import PER_GENERATION, is_workflow_wide
 from ..blocks.protocol import OutputRef, PromptEvent, PromptTracker
 from ..blocks.workflow import ComfyUIWorkflow
 
@@ -102,17 +102,20 @@ def variant_label(spec: GenerationSpec, settings: GenerationSettings) -> str:
 #: The attribute (``extra``) of the log records that mark a generation's milestones, read by a
 #: display in the same process (the CLI's, flows/cli_display.py): a dict with ``event``
 #: (``started``: ComfyUI began running it; ``retry``: it waits for its next attempt; ``done``;
-#: ``failed``: for good, not retried; ``cancelled``: with its run), ``position`` and ``total`` (the
-#: plan's order, 1-based), ``index`` and ``variant`` (0-based), ``description``; for ``done`` also
+#: ``failed``: for good, not retried; ``cancelled``: with its run; ``skipped``: a video whose image
+#: failed, never sent, marked by the flow), ``position`` and ``total`` (the
+#: plan's order, 1-based), ``index`` and ``variant`` (0-based), ``description``, ``label`` (``variant
+#: 2/2``; ``image 1/1`` or ``video 2/4`` in an image-to-video run); for ``done`` also
 #: ``files`` (local paths), ``cached`` and ``total_s`` (seconds), for ``failed`` ``error``
 #: (``"Type: message"``).
 MILESTONE = "generation_milestone"
 
 
-def milestone(event: str, spec: GenerationSpec, **facts) -> dict:
+def milestone(event: str, spec: GenerationSpec, settings: Optional[GenerationSettings] = None, **facts) -> dict:
     """The ``extra`` of a log call that marks milestone ``event`` of ``spec``'s generation (:data:`MILESTONE`)."""
+    label = variant_label(spec, settings) if settings is not None else f"variant {spec.variant + 1}"
     return {MILESTONE: {"event": event, "position": spec.position, "total": spec.total, "index": spec.index,
-                        "variant": spec.variant, "description": spec.description, **facts}}
+                        "variant": spec.variant, "description": spec.description, "label": label, **facts}}
 
 
 class _ProgressLog:
@@ -121,6 +124,7 @@ class _ProgressLog:
     def __init__(self, logger, spec: GenerationSpec, settings: GenerationSettings):
         self.logger = logger
         self.spec = spec
+        self.settings = settings
         self.prefix = (
             f"[{spec.position}/{spec.total}] description {spec.index + 1}/{settings.descriptions}, "
             f"{variant_label(spec, settings)}"
@@ -133,7 +137,7 @@ class _ProgressLog:
         label = f"node {node} ({tracker.node_types.get(node, '?')})" if node else ""
         if event.kind == "started":
             self.logger.info("%s: started %.1f s after the task began (waiting for a free slot, then in ComfyUI's queue)", self.prefix, time.monotonic() - self.started,
-                             extra=milestone("started", self.spec))
+                             extra=milestone("started", self.spec, self.settings))
         elif event.kind == "cached":
             self.logger.info("%s: %d node(s) served from ComfyUI's cache", self.prefix, len(event.nodes))
         elif event.kind == "executing":
@@ -390,14 +394,15 @@ def generate(
     except GenerationCancelled as exc:
         # Not a failure of the generation: the run was cancelled or stopped around it (the flow says
         # so once, as a warning; one line per generation at INFO).
-        logger.info("%s: %s", progress.prefix, exc.reason, extra=milestone("cancelled", spec))
+        logger.info("%s: %s", progress.prefix, exc.reason, extra=milestone("cancelled", spec, settings))
         return Cancelled(message=f"{'interrupted' if exc.interrupted else 'cancelled'}: {exc.reason}")
     except GenerationSkipped as exc:
         # Not sent: ComfyUI refused the workflow itself for another generation (the flow says so once).
-        logger.info("%s: %s", progress.prefix, exc, extra=milestone("cancelled", spec))
+        logger.info("%s: %s", progress.prefix, exc, extra=milestone("cancelled", spec, settings))
         return Cancelled(message=str(exc))  # "not run: ..."
     except ComfyUIError as exc:
-        if isinstance(exc, PromptValidationError) and is_workflow_wide(exc, workflow):
+        if isinstance(exc, PromptValidationError) and is_workflow_wide(exc, workflow,
+                                                                      PER_GENERATION + tuple(spec.inputs)):
             connection.stop_new_prompts(
                 f"ComfyUI refused the workflow itself for description {spec.index + 1} variant "
                 f"{spec.variant + 1}, with an error every generation would meet (see that generation's "
@@ -405,12 +410,12 @@ def generate(
         if not (is_transient(exc) and task_attempt() <= task_retries()):
             logger.error("%s (%r) failed, prompt_id %s: %s: %s", progress.prefix, trim(spec.description),
                          getattr(exc, "prompt_id", None) or spec.prompt_id, type(exc).__name__, exc,
-                         extra=milestone("failed", spec, error=f"{type(exc).__name__}: {exc}"))
+                         extra=milestone("failed", spec, settings, error=f"{type(exc).__name__}: {exc}"))
         logger.debug("%s: traceback of %s", progress.prefix, type(exc).__name__, exc_info=True)
         raise
     except Exception as exc:  # not one of ours (saving files raises OutputError): a bug: keep its traceback
         logger.error("%s (%r) failed: %s: %s", progress.prefix, trim(spec.description), type(exc).__name__, exc,
-                     exc_info=True, extra=milestone("failed", spec, error=f"{type(exc).__name__}: {exc}"))
+                     exc_info=True, extra=milestone("failed", spec, settings, error=f"{type(exc).__name__}: {exc}"))
         raise
 
 
@@ -454,7 +459,7 @@ def _wait_before_retry(connection: ConnectionPool, settings: GenerationSettings,
     delay = retry_delay_s(settings, attempt)
     if delay > 0:
         progress.logger.info("%s: retry %d of %d in %.1f s", progress.prefix, attempt - 1, task_retries(), delay,
-                             extra=milestone("retry", progress.spec))
+                             extra=milestone("retry", progress.spec, progress.settings))
         connection.sleep(delay)
 
 
@@ -518,7 +523,7 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
         "%s: done in %.1f s, %d file(s), %d bytes (queued %.1f s, executing %.1f s, download %.1f s)%s",
         progress.prefix, total_s, len(files), sum(f.bytes for f in files),
         outcome.queued_s, outcome.execution_s, download_s, ", cached" if outcome.cached else "",
-        extra=milestone("done", spec, files=[f.path for f in files], cached=outcome.cached, total_s=total_s),
+        extra=milestone("done", spec, settings, files=[f.path for f in files], cached=outcome.cached, total_s=total_s),
     )
     return GenerationResult(
         kind=stage_kind(spec, settings),

@@ -108,3 +108,39 @@ def test_a_failed_image_skips_its_videos_and_the_run_names_its_error(comfy, tmp_
     assert len(comfy.prompts) == 7
     summary = artifacts_of(state)["summary"].data
     assert "2 skipped" in summary and "its 2 video(s) were skipped" in summary
+
+
+def readme_image_to_video_command(server_url: str, folder: Path) -> list[str]:
+    """The README's image-to-video command (its third ``bash`` block of "Input images and
+    image-to-video"), as argv, pointed at ``server_url`` and writing into ``folder``."""
+    import re
+    import shlex
+
+    from tests.conftest import ROOT
+
+    section = ROOT.joinpath("README.md").read_text(encoding="utf-8").split("\n## Input images and image-to-video\n")[1]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    argv = shlex.split(next(b for b in blocks if "image-to-video" in b).replace("\\\n", " "))
+    argv = [server_url if a == "http://127.0.0.1:8188" else a for a in argv]
+    argv = [str(ROOT / a) if a.startswith("examples/") else a for a in argv]
+    argv[argv.index("--output-dir") + 1] = str(folder / "output")
+    argv[argv.index("--descriptions") + 1] = str(folder / "shots.txt")
+    return argv[1:]  # without the program name
+
+
+def test_the_readme_image_to_video_command_runs_both_stages(comfy, tmp_path):
+    from tests.test_cli import comfy_pipeline
+
+    (tmp_path / "shots.txt").write_text("alice waving\nalice running\n")
+    out = comfy_pipeline(*readme_image_to_video_command(comfy.url, tmp_path))
+    assert out.returncode == 0, out.output
+    files = sorted(p.name for p in (tmp_path / "output").rglob("*") if p.is_file())
+    assert files == ["alice_d0_0.png", "alice_d0_0_video.webp", "alice_d0_1_video.webp",
+                     "alice_d1_0.png", "alice_d1_0_video.webp", "alice_d1_1_video.webp"]
+    assert "alice-image-to-video-summary" in out.output
+    # without --video-workflow the command stops before anything starts
+    bare = [a for a in readme_image_to_video_command(comfy.url, tmp_path)]
+    at = bare.index("--video-workflow")
+    out = comfy_pipeline(*(bare[:at] + bare[at + 2:]))
+    assert out.returncode == 2 and "needs --video-workflow" in out.output
+    assert comfy.requests[("POST", "/prompt")] == 6
