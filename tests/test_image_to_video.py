@@ -144,3 +144,23 @@ def test_the_readme_image_to_video_command_runs_both_stages(comfy, tmp_path):
     out = comfy_pipeline(*(bare[:at] + bare[at + 2:]))
     assert out.returncode == 2 and "needs --video-workflow" in out.output
     assert comfy.requests[("POST", "/prompt")] == 6
+
+
+def test_with_two_images_per_description_each_image_gets_its_own_videos(comfy, tmp_path):
+    state = image_to_video(ComfyUIServer(url=comfy.url, max_in_flight=4), tmp_path, ["a red fox"],
+                           variants=2, image_variants=2)
+    assert state.is_completed(), state.message
+    results = state.result()
+    images = {r.prompt_id: r for r in results if r.kind == "image"}
+    videos = [r for r in results if r.kind == "video"]
+    assert len(images) == 2 and len(videos) == 4
+    by_position = {}
+    for spec_position, image in zip(sorted({v.source for v in videos}), sorted(images.values(), key=lambda r: r.variant)):
+        by_position[spec_position] = image
+    loaded = load_image_values(comfy)
+    for video in videos:
+        image = by_position[video.source]
+        assert loaded[video.prompt_id] == f"{image.files[0].subfolder}/{image.files[0].server_filename} [output]"
+    # videos 0-1 come from image 0, videos 2-3 from image 1; every file name is distinct
+    assert sorted((v.variant, by_position[v.source].variant) for v in videos) == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    assert len({f.path for r in results for f in r.files}) == 6
