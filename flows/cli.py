@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, List, Optional
 
+import httpx
 import typer
 
 from ..blocks.http_api import ComfyUIHTTP
@@ -33,7 +35,7 @@ from .cli_display import RunDisplay, print_end, quiet_prefect_console
 from .cli_signals import SignalOwner
 from .cli_support import CA_BUNDLE_HELP, INSECURE_HELP, fail, server_block, workflow_from_file
 from .cli_support import SEED_HELP, USAGE_ERRORS, Kind, check_output_dir, check_seed, seeds, usage_line
-from .descriptions import Description, read_descriptions_file, texts_and_inputs
+from .descriptions import Description, DescriptionRow, read_descriptions_file, texts_and_inputs
 
 app = typer.Typer(add_completion=False, help="Run ComfyUI generations as Prefect flows.")
 
@@ -119,8 +121,9 @@ def run(
                                               help="Extra workflow parameter KEY=VALUE (repeatable)."),
     output_type: Optional[List[str]] = typer.Option(None, "--output-type",
                                                     help="/view type to download (default output; repeatable)."),
-    concurrency: int = typer.Option(8, "--concurrency", min=1,
-                                    help="Generation tasks running at once (threads)."),
+    concurrency: int = typer.Option(0, "--concurrency", min=0, max=256,
+                                    help="Generations in flight at once (threads); 0 (default): the sum of "
+                                         "--max-in-flight over the servers, every slot used."),
     max_in_flight: int = typer.Option(2, "--max-in-flight", min=1,
                                       help="Prompts queued or running per server."),
     retries: int = typer.Option(2, "--retries", min=0, max=10,
@@ -162,8 +165,10 @@ def run(
     seed_mode, base_seed = seeds(seed_mode, base_seed, len(texts) * per_description)
     output_dir = check_output_dir(output_dir)
     template = workflow_from_file(workflow)
-    video_template = check_video_workflow(kind, video_workflow, demo, image_variants)
+    video_workflow, video_template = check_video_workflow(kind, video_workflow, demo, image_variants)
     check_input_images(inputs, texts, template, video_template)
+    passed = descriptions_parameter(texts, descriptions if not description else None, output_dir)
+    check_parameters_size(passed, extra_params, inputs)
     if demo:  # running until the command ends, Ctrl-C included
         server = [start_demo(ctx)]
     blocks = [server_block(url, api_key, timeout, max_in_flight, ca_bundle=ca_bundle,
@@ -176,26 +181,25 @@ def run(
     # SIGINT and SIGTERM are ours from the start: one during Prefect's start-up ends the command too.
     with SignalOwner() as owner:
         try:
-            from prefect.task_runners import ThreadPoolTaskRunner
-
             from .generate_content import generate_content
 
-            flow = generate_content.with_options(
-                task_runner=ThreadPoolTaskRunner(max_workers=concurrency),
-                retries=flow_retries,
-                retry_delay_seconds=0,
-            )
+            flow = generate_content.with_options(retries=flow_retries, retry_delay_seconds=0)
             with display:
-                state = _call_flow(flow, block, template, texts, kind.flow_kind, character, variants, output_dir,
-                                   seed_mode, base_seed, extra_params, output_type, retries, retry_delay,
-                                   video_workflow=video_template or "", image_variants=image_variants,
-                                   inputs=inputs)
+                # The workflows travel as paths (read by the flow on this machine), never inlined.
+                state = _call_flow(flow, block, str(Path(workflow).absolute()), passed, kind.flow_kind, character,
+                                   variants, output_dir, seed_mode, base_seed, extra_params, output_type, retries,
+                                   retry_delay, image_variants=image_variants, inputs=inputs, concurrency=concurrency,
+                                   video_workflow=str(Path(video_workflow).absolute()) if video_workflow else "")
         except KeyboardInterrupt:
             _point_at_report(character, kind.flow_kind)  # the flow wrote it, saying the run was stopped
             raise _stopped(owner, signal.SIGINT) from None
         except TerminationSignal as exc:
             _point_at_report(character, kind.flow_kind)
             raise _stopped(owner, exc.signal) from None
+        except httpx.HTTPStatusError as exc:  # Prefect's API refused the flow run (e.g. 422): one line
+            answer = " ".join(exc.response.text.split())[:300]
+            raise fail(f"Prefect's API at {exc.request.url.host} refused the flow run: HTTP {exc.response.status_code} "
+                       f"{exc.response.reason_phrase} ({answer})", 1) from None
         stop = owner.stop()
         if stop is not None:  # the flow returned though its interrupt was lost: the sweep ended it
             raise fail(stop.message, stop.code)
@@ -232,13 +236,14 @@ def _point_at_report(character: str, kind: str) -> None:
 
 
 def check_video_workflow(kind: Kind, video_workflow: Optional[Path], demo: bool, image_variants: int):
-    """The video workflow of an image-to-video run (``--video-workflow``, or with ``--server demo``
-    the packaged one), checked to bind ``image``; None for other kinds. Exit 2 in one line when it
-    is missing or cannot be used, or when image-to-video options come with another kind."""
+    """``(path, workflow)`` of the video workflow of an image-to-video run (``--video-workflow``, or
+    with ``--server demo`` the packaged one), checked to bind ``image``; ``(None, None)`` for other
+    kinds. Exit 2 in one line when it is missing or cannot be used, or when image-to-video options
+    come with another kind."""
     if kind is not Kind.image_to_video:
         if video_workflow is not None or image_variants != 1:
             raise fail("--video-workflow and --image-variants are for --kind image-to-video", 2)
-        return None
+        return None, None
     if video_workflow is None:
         if not demo:
             raise fail("--kind image-to-video needs --video-workflow (the workflow that makes a video from each "
@@ -249,7 +254,40 @@ def check_video_workflow(kind: Kind, video_workflow: Optional[Path], demo: bool,
         require_start_image_binding(template)
     except WorkflowError as exc:
         raise fail(str(exc), 2) from None
-    return template
+    return video_workflow, template
+
+
+#: Descriptions whose JSON would be larger than this (bytes) go to the flow run by reference.
+REFERENCE_ABOVE_BYTES = 100_000
+#: What Prefect's API accepts at most for a flow run's parameters, serialized (bytes).
+PREFECT_PARAMETERS_LIMIT_BYTES = 512 * 1024
+
+
+def descriptions_parameter(texts: list, from_file: Optional[Path], output_dir: Path):
+    """What the flow run gets as ``descriptions``: the list itself when its JSON is at most
+    :data:`REFERENCE_ABOVE_BYTES`, else a reference the flow reads: the descriptions file's own
+    path (``from_file``, when it gave every description), or a JSON Lines file written under
+    ``output_dir/.comfy-pipeline/`` (image paths there are absolute)."""
+    rows = [t.model_dump() if isinstance(t, DescriptionRow) else t for t in texts]
+    if len(json.dumps(rows)) <= REFERENCE_ABOVE_BYTES:
+        return texts
+    if from_file is not None:
+        return str(from_file.expanduser().absolute())
+    folder = output_dir / ".comfy-pipeline"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"descriptions-{uuid.uuid4().hex[:12]}.jsonl"
+    target.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(target.absolute())
+
+
+def check_parameters_size(*values) -> None:
+    """Exit 2 in one line when the flow run's parameters would exceed what Prefect's API accepts
+    (:data:`PREFECT_PARAMETERS_LIMIT_BYTES`), naming what to pass by reference."""
+    size = sum(len(json.dumps(v, default=str)) for v in values)
+    if size > PREFECT_PARAMETERS_LIMIT_BYTES:
+        raise fail(f"the flow run's parameters would be {size // 1024} KB and Prefect accepts at most "
+                   f"{PREFECT_PARAMETERS_LIMIT_BYTES // 1024} KB: shorten the --param values (descriptions "
+                   "already travel as a file reference)", 2)
 
 
 def check_input_images(inputs: dict[str, str], texts: list, template, video_template) -> None:

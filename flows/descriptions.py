@@ -10,18 +10,25 @@ images, so that each description can have its own start image or reference::
 Every column besides ``description`` names a workflow parameter bound to an image (see
 ``blocks/inputs.py``); an empty cell leaves that parameter to the run's ``inputs`` (or the
 workflow's own value). In a file, a relative path is taken from the file's directory.
+
+Descriptions can also travel by reference: instead of the list, the flow takes the path or fsspec
+URL of such a file (``/data/shots.csv``, ``file:///data/shots.jsonl``, ``s3://bucket/shots.csv``),
+which the machine running the flow reads (:func:`read_descriptions`). A flow run's parameters then
+stay small whatever the number of descriptions (Prefect refuses parameters over 512 KB).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-from pathlib import Path
-from typing import Union
+from pathlib import Path, PurePosixPath
+from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["DescriptionRow", "Description", "read_descriptions_file", "texts_and_inputs"]
+__all__ = ["DescriptionRow", "Description", "read_descriptions_file", "read_descriptions", "parse_descriptions",
+           "texts_and_inputs", "is_reference"]
 
 
 class DescriptionRow(BaseModel):
@@ -66,7 +73,7 @@ def texts_and_inputs(descriptions: list[Description]) -> tuple[list[str], list[d
     return texts, inputs
 
 
-def _row(data: object, where: str, base: Path) -> DescriptionRow:
+def _row(data: object, where: str, base: Optional[Path]) -> DescriptionRow:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected an object with a 'description', got {type(data).__name__}")
     if "description" not in data:
@@ -75,7 +82,8 @@ def _row(data: object, where: str, base: Path) -> DescriptionRow:
     for key, value in data.items():
         if key != "description" and value is not None and not isinstance(value, str):
             raise ValueError(f"{where}: {key!r} must be an image path (a string), got {value!r}")
-        if key != "description" and value and value.strip() and not Path(value.strip()).expanduser().is_absolute():
+        if (base is not None and key != "description" and value and value.strip()
+                and not Path(value.strip()).expanduser().is_absolute()):
             value = str(base / value.strip())  # relative to the file, not to where the command runs
         fields[key] = value if key == "description" else (value or "").strip()
     try:
@@ -86,15 +94,7 @@ def _row(data: object, where: str, base: Path) -> DescriptionRow:
 
 
 def read_descriptions_file(path: Path) -> list[Description]:
-    """The descriptions of a file, by its extension.
-
-    * ``.csv``: a header row with a ``description`` column, then one row per description (other
-      columns: input images);
-    * ``.jsonl`` / ``.ndjson``: one JSON object per line, ``{"description": ..., "image": ...}``, or
-      a JSON string;
-    * anything else: one description per line.
-
-    Blank lines and lines starting with ``#`` are skipped (in a text or JSON Lines file). Relative
+    """The descriptions of a local file, by its extension (see :func:`parse_descriptions`); relative
     image paths are taken from the file's directory.
 
     Raises:
@@ -105,15 +105,63 @@ def read_descriptions_file(path: Path) -> list[Description]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} cannot be read as UTF-8 text: {exc}") from None
-    base = path.expanduser().absolute().parent
-    suffix = path.suffix.lower()
+    return parse_descriptions(text, str(path), base=path.expanduser().absolute().parent)
+
+
+def is_reference(value: object) -> bool:
+    """Whether the flow's ``descriptions`` is a reference (a path or URL string), not a list."""
+    return isinstance(value, str)
+
+
+def read_descriptions(reference: str) -> list[Description]:
+    """The descriptions of a file named by a path or an fsspec URL (``file://``, ``s3://``, ...),
+    read with fsspec on the machine that runs the flow (by its extension: see
+    :func:`parse_descriptions`). Relative image paths are taken from the file's directory when
+    the file is local, else left as they are.
+
+    Raises:
+        ValueError: the reference cannot be opened or read (what fsspec said, and the reference),
+            or a row is not valid.
+    """
+    import fsspec  # Prefect's own dependency; imported here: only a run by reference needs it
+
+    try:
+        opened = fsspec.open(reference, "r", encoding="utf-8-sig")
+        with opened as handle:
+            text = handle.read()
+    except (OSError, ValueError, ImportError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the descriptions {reference!r} cannot be read: {type(exc).__name__}: {exc}. Give a path "
+                         "or URL (file://, s3://, ...) that the machine running the flow can read") from None
+    protocols = opened.fs.protocol if isinstance(opened.fs.protocol, tuple) else (opened.fs.protocol,)
+    base = Path(opened.path).parent if "file" in protocols else None
+    return parse_descriptions(text, reference, base=base)
+
+
+def parse_descriptions(text: str, name: str, *, base: Optional[Path] = None) -> list[Description]:
+    """The descriptions in ``text``, read as ``name``'s extension says.
+
+    * ``.csv``: a header row with a ``description`` column, then one row per description (other
+      columns: input images);
+    * ``.jsonl`` / ``.ndjson``: one JSON object per line, ``{"description": ..., "image": ...}``, or
+      a JSON string;
+    * anything else: one description per line.
+
+    Blank lines and lines starting with ``#`` are skipped (in a text or JSON Lines file). Relative
+    image paths are taken from ``base`` (when given).
+
+    Raises:
+        ValueError: a row is not valid (the message names ``name`` and the line).
+    """
+    path = name  # named in the messages
+    suffix = PurePosixPath(name.split("?", 1)[0]).suffix.lower()
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # a quoted cell may hold line breaks
         if not reader.fieldnames or "description" not in [f.strip() for f in reader.fieldnames]:
             raise ValueError(f"{path}: the first row must name the columns, one of them 'description' "
                              f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})")
         rows: list[Description] = []
-        for number, record in enumerate(reader, start=2):
+        for record in reader:
+            number = reader.line_num
             if None in record:
                 raise ValueError(f"{path}, line {number}: more cells than columns")
             record = {k.strip(): v for k, v in record.items()}

@@ -20,13 +20,12 @@ import concurrent.futures
 import random
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Optional, Sequence, Union
 
-from prefect import flow, get_run_logger, runtime, unmapped
+from prefect import flow, get_run_logger, runtime
 from prefect.exceptions import TerminationSignal
-from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
@@ -34,6 +33,7 @@ from pydantic import Field
 from ..blocks.errors import ComfyUIError, InputImageError, WorkflowError
 from ..blocks.inputs import InputImage, ServerFile, check_input_images, read_input_image
 from ..blocks.pool import ConnectionPool
+from ..blocks.server import ComfyUIServerPool
 from ..blocks.preflight import run_preflight
 from ..blocks.workflow import (ComfyUIWorkflow, SeedMode, choose_seed, require_description_binding,
                                require_start_image_binding)
@@ -42,11 +42,29 @@ from ..tasks.generate import (flow_attempt, flow_attempts_prompt_ids, generate, 
                               with_moved_copies, workflow_params)
 from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind, Stage
 from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, describe_error, write_report
-from .descriptions import Description, texts_and_inputs
+from .descriptions import Description, is_reference, read_descriptions, texts_and_inputs
 from .form import ServerParameter, WorkflowParameter
 
-#: Generations in flight at once on one connection (threads of the task runner).
-DEFAULT_CONCURRENCY = 8
+#: The most generations a flow run has in flight at once (threads of its task runner), whatever
+#: the servers' slots add up to.
+MAX_CONCURRENCY = 256
+
+
+def in_flight_window(concurrency: int, connection: ConnectionPool) -> int:
+    """How many generations the run keeps in flight (each holds a thread while it waits): the
+    ``concurrency`` asked for, else (0) the sum of ``max_in_flight`` over the servers the run
+    uses; at most :data:`MAX_CONCURRENCY`."""
+    slots = sum(c.max_in_flight for c in connection.connections)
+    return max(1, min(concurrency or slots, MAX_CONCURRENCY))
+
+
+def with_max_in_flight(server, max_in_flight: int):
+    """``server`` (a block or a pool) with every server's ``max_in_flight`` set to ``max_in_flight``
+    (0: as saved); a pool becomes the list of its servers."""
+    if not max_in_flight:
+        return server
+    servers = server.load_servers() if isinstance(server, ComfyUIServerPool) else [server]
+    return [s.model_copy(update={"max_in_flight": max_in_flight}) for s in servers]
 
 
 def plan_generations(
@@ -167,11 +185,18 @@ def start_image(result: GenerationResult) -> InputImage:
 class _Generations:
     """The generate task runs of one flow run and what became of each (``outcomes``, keyed by
     ``spec.position``); ``reused``: positions whose result came back from an earlier attempt of
-    the flow run (its persisted result: the generation was not sent to ComfyUI again)."""
+    the flow run (its persisted result: the generation was not sent to ComfyUI again).
 
-    def __init__(self, outcomes: dict, progress: Optional[ProgressReport]):
+    At most ``window`` generations are submitted to the task runner at once (each holds a thread
+    while it waits for its server): the rest wait here, in plan order, and are submitted as
+    earlier ones finish, so a run of 20,000 descriptions keeps ``window`` task runs alive, not
+    20,000. In an image-to-video run, the videos of a finished image go before every waiting image.
+    """
+
+    def __init__(self, outcomes: dict, progress: Optional[ProgressReport], window: int):
         self.outcomes = outcomes
         self.progress = progress
+        self.window = max(1, window)
         self.reused: set[int] = set()
         self.futures: dict[int, Any] = {}
         self.submitted: dict[int, GenerationSpec] = {}  # position -> the spec as it was run
@@ -179,66 +204,76 @@ class _Generations:
         self.counting = True
 
     def run(self, task, connection, template, specs, settings, *, rerun: int = 0) -> None:
-        """Map ``task`` over ``specs`` on the shared connection; record each outcome as it finishes
+        """Run ``task`` for every spec on the shared connection; record each outcome as it finishes
         and advance the progress artifact. ``rerun`` (1) runs completed generations again, with
         prompt ids of their own (see ``generate``); their progress was counted already."""
         self.counting = not rerun
-        position_of = {f.task_run_id: p for p, f in self._submit(task, connection, template, specs, settings,
-                                                                 rerun).items()}
-        for future in as_completed([self.futures[p] for p in position_of.values()]):
-            self._record(position_of[future.task_run_id], future)
-
-    def _submit(self, task, connection, template, specs, settings, rerun: int = 0) -> dict[int, Any]:
-        futures = task.map(unmapped(connection), unmapped(template), specs, unmapped(settings),
-                           rerun=unmapped(rerun))
-        for future, spec in zip(futures, specs):
-            self.futures[spec.position] = future
-            self.submitted[spec.position] = spec
-            self.reused.discard(spec.position)  # run again (files lost): not reused any more
-        return {spec.position: future for future, spec in zip(futures, specs)}
+        self._drive(task, connection, deque((template, s) for s in specs), settings, rerun=rerun)
 
     def run_image_to_video(self, task, connection, image_workflow, video_workflow, specs, settings) -> None:
-        """Run an ``image_to_video`` plan (:func:`plan_image_to_video`): every image at once, and the
-        videos of each image as soon as that image is done (with it as their ``image`` input);
-        the videos of an image that failed end ``skipped`` and are never sent."""
+        """Run an ``image_to_video`` plan (:func:`plan_image_to_video`): the images in plan order,
+        and the videos of each image as soon as that image is done (with it as their ``image``
+        input), before the images still waiting; the videos of an image that failed end
+        ``skipped`` and are never sent."""
         self.counting = True
         videos_of: dict[int, list[GenerationSpec]] = defaultdict(list)
         for spec in specs:
             if spec.stage == "video":
                 videos_of[spec.source].append(spec)
-        pending = {future.wrapped_future: (position, future) for position, future in self._submit(
-            task, connection, image_workflow, [s for s in specs if s.stage == "image"], settings).items()}
-        while pending:
+        self._drive(task, connection, deque((image_workflow, s) for s in specs if s.stage == "image"), settings,
+                    videos_of=videos_of, video_workflow=video_workflow)
+
+    def _drive(self, task, connection, waiting: deque, settings, *, rerun: int = 0,
+               videos_of: Optional[dict[int, list[GenerationSpec]]] = None, video_workflow=None) -> None:
+        pending: dict[concurrent.futures.Future, tuple[int, Any]] = {}
+        while waiting or pending:
+            while waiting and len(pending) < self.window:
+                workflow, spec = waiting.popleft()
+                if connection.no_new_prompts is not None:  # ComfyUI refused the workflow itself
+                    self._skip([spec], connection.no_new_prompts, status="not run")
+                    continue
+                future = task.submit(connection, workflow, spec, settings, rerun=rerun)
+                self.futures[spec.position] = future
+                self.submitted[spec.position] = spec
+                self.reused.discard(spec.position)  # run again (files lost): not reused any more
+                pending[future.wrapped_future] = (spec.position, future)
+            if not pending:
+                continue
             done, _ = concurrent.futures.wait(list(pending), return_when=concurrent.futures.FIRST_COMPLETED)
             for wrapped in done:
                 position, future = pending.pop(wrapped)
                 self._record(position, future)
-                videos = videos_of.pop(position, [])
-                if not videos:
-                    continue
-                image = self.submitted[position]
-                outcome = self.outcomes[position]
-                label = f"description {image.index + 1}, image {image.variant + 1}"
-                if isinstance(outcome, GenerationResult):
-                    try:
-                        start = start_image(outcome)
-                    except InputImageError as exc:
-                        self._skip(videos, f"its image ({label}) cannot start a video: {exc}")
-                        continue
-                    videos = [v.model_copy(update={"inputs": {**v.inputs, "image": start}}) for v in videos]
-                    pending.update({f.wrapped_future: (p, f) for p, f in self._submit(
-                        task, connection, video_workflow, videos, settings).items()})
-                elif isinstance(outcome, Stopped):
-                    self._skip(videos, f"its image ({label}) was {outcome.status}: {outcome.reason}",
-                               status=outcome.status if outcome.status != "interrupted" else "cancelled")
-                else:
-                    self._skip(videos, f"its image ({label}) failed: {describe_error(outcome)}")
+                videos = (videos_of or {}).pop(position, [])
+                if videos:
+                    ready = self._start_videos(position, videos)
+                    waiting.extendleft(reversed([(video_workflow, v) for v in ready]))
+
+    def _start_videos(self, position: int, videos: list[GenerationSpec]) -> list[GenerationSpec]:
+        """The videos of image ``position`` with that image as their ``image`` input, ready to run;
+        none when the image did not succeed (they are marked ``skipped``, or as the image was)."""
+        image = self.submitted[position]
+        outcome = self.outcomes[position]
+        label = f"description {image.index + 1}, image {image.variant + 1}"
+        if isinstance(outcome, GenerationResult):
+            try:
+                start = start_image(outcome)
+            except InputImageError as exc:
+                self._skip(videos, f"its image ({label}) cannot start a video: {exc}")
+                return []
+            return [v.model_copy(update={"inputs": {**v.inputs, "image": start}}) for v in videos]
+        if isinstance(outcome, Stopped):
+            self._skip(videos, f"its image ({label}) was {outcome.status}: {outcome.reason}",
+                       status=outcome.status if outcome.status != "interrupted" else "cancelled")
+        else:
+            self._skip(videos, f"its image ({label}) failed: {describe_error(outcome)}")
+        return []
 
     def _skip(self, specs: list[GenerationSpec], reason: str, status: str = "skipped") -> None:
         for spec in specs:
             self.outcomes[spec.position] = Stopped(status, reason)
-            get_run_logger().info("[%d/%d] description %d, video %d: %s, %s", spec.position, spec.total,
-                                  spec.index + 1, spec.variant + 1, status, reason,
+            what = "video" if spec.stage == "video" and spec.source is not None else "variant"
+            get_run_logger().info("[%d/%d] description %d, %s %d: %s, %s", spec.position, spec.total,
+                                  spec.index + 1, what, spec.variant + 1, status, reason,
                                   extra=milestone("skipped" if status == "skipped" else "cancelled", spec))
             if self.counting and self.progress is not None:
                 self.progress.advance()
@@ -339,13 +374,16 @@ def _failed_message(specs, outcomes, stopped: Optional[str], not_run: int, no_ne
 
 @flow(
     name="generate-content",
-    task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_CONCURRENCY),
+    # An upper bound: the run keeps in flight only as many generations as its servers have slots
+    # (in_flight_window), so only that many threads are ever started.
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENCY),
     log_prints=True,
 )
 def generate_content(
     server: ServerParameter,
     workflow: WorkflowParameter,
-    descriptions: Annotated[list[Description], Field(min_length=1)],
+    descriptions: Union[Annotated[list[Description], Field(min_length=1, title="List")],
+                        Annotated[str, Field(min_length=1, title="Descriptions file (path or URL)")]],
     kind: Kind = "image",
     character: str = "character",
     variants: Annotated[int, Field(ge=1, le=100)] = 1,
@@ -360,6 +398,8 @@ def generate_content(
     output_types: Annotated[list[str], Field(min_length=1)] = ["output"],  # noqa: B006
     retries: Annotated[int, Field(ge=0, le=10)] = 2,
     retry_delay_s: Annotated[float, Field(ge=0)] = 5.0,
+    concurrency: Annotated[int, Field(ge=0, le=MAX_CONCURRENCY)] = 0,
+    max_in_flight: Annotated[int, Field(ge=0, le=64)] = 0,
 ) -> list[GenerationResult]:
     """Generate ``variants`` images or videos for each description over ONE ComfyUI connection.
 
@@ -371,7 +411,9 @@ def generate_content(
             (bindings in the file or a ``.bindings.json`` sidecar).
         descriptions: the text descriptions; each becomes ``variants`` generations. A description
             can be a row ``{"description": "...", "image": "/path/start.png"}`` whose other fields
-            are its own input images (see ``inputs``).
+            are its own input images (see ``inputs``). Or, for big runs, the path or fsspec URL
+            (``file://``, ``s3://``...) of a text, ``.csv`` or ``.jsonl`` file of them, which the
+            machine running the flow reads (``flows/descriptions.py``).
         kind: ``image`` or ``video`` (decides file naming and the report's labels), or
             ``image_to_video``: ``workflow`` makes images, ``video_workflow`` a video from each.
         character: the character or campaign name, used in file names and artifact keys.
@@ -396,6 +438,9 @@ def generate_content(
         retries: retries per generation for transient failures (server or socket gone, 5xx,
             lost prompt, stall); validation and node errors are never retried.
         retry_delay_s: first retry delay in seconds, doubling each time, with jitter.
+        concurrency: generations in flight at once (threads); 0 (default): the sum of the
+            servers' ``max_in_flight``, so every slot of every server is used (at most 256).
+        max_in_flight: prompts queued or running per server; 0 (default): each server block's own.
 
     Returns:
         the :class:`GenerationResult` of every generation, in plan order.
@@ -408,9 +453,16 @@ def generate_content(
     """
     logger = get_run_logger()
     began = time.monotonic()
-    texts, own_inputs = texts_and_inputs(descriptions)
     video_template: Optional[ComfyUIWorkflow] = None
     try:
+        if is_reference(descriptions):
+            try:
+                descriptions = read_descriptions(descriptions)
+            except ValueError as exc:
+                raise WorkflowError(str(exc)) from None
+            if not descriptions:
+                raise WorkflowError("the descriptions file has no description")
+        texts, own_inputs = texts_and_inputs(descriptions)
         template = _load_workflow(workflow)
         require_description_binding(template)
         stages = {"image": template}
@@ -471,7 +523,7 @@ def generate_content(
         logger.info("%d %s generation(s) for %s: %d description(s) x %d variant(s) on %s",
                     len(specs), kind, character, len(texts), variants, server.url)
     try:
-        connection = ConnectionPool.open(server, logger=logger)
+        connection = ConnectionPool.open(with_max_in_flight(server, max_in_flight), logger=logger)
     except (ComfyUIError, ValueError) as exc:  # ValueError: a pool names a block that is not saved
         logger.error("%s", exc)
         facts.fatal_error = f"{type(exc).__name__}: {exc}"
@@ -496,7 +548,11 @@ def generate_content(
     facts.client_id = ", ".join(c.client_id for c in connection.connections)
     facts.notes += [f"Server {url} was left out: {why}"
                     for url, why in {**connection.unreachable, **connection.left_out}.items()]
-    generations = _Generations(outcomes, progress)
+    window = in_flight_window(concurrency, connection)
+    logger.info("up to %d generation(s) in flight at once (%s)", window,
+                f"concurrency {concurrency}" if concurrency else
+                f"max_in_flight over {len(connection.connections)} server(s)")
+    generations = _Generations(outcomes, progress, window)
     # Until the report is written: the engine's late records of cancelled task runs too.
     with one_line_failures():
         try:

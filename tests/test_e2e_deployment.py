@@ -388,6 +388,21 @@ def test_manual_deployment_runs_on_a_worker_with_files_report_and_no_secret_show
     assert "Traceback" not in worker_output, _tail(stack.log_of("prefect-worker"), 120)
 
 
+def test_a_manual_run_reads_megabytes_of_descriptions_by_file_reference(deployed: Stack, tmp_path):
+    """Descriptions Prefect could not take as a parameter (over 512 KB) reach the worker as a
+    ``file://`` reference, which the flow reads there; the flow run's parameters stay small."""
+    stack = deployed
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text("".join(json.dumps(f"shot {n} " + "x" * 300_000) + "\n" for n in range(5)))
+    assert shots.stat().st_size > 512 * 1024
+    output_dir = tmp_path / "output"
+    flow_run_id = stack.run_manual({"descriptions": f"file://{shots}", "output_dir": str(output_dir)})
+    flow_run = stack.wait_for_state(flow_run_id)
+    assert flow_run.state.is_completed(), f"{flow_run.state!r}\n{stack.diagnostics()}"
+    assert len(json.dumps(flow_run.parameters)) < 100_000
+    assert len(list(output_dir.rglob("*.png"))) == 5
+
+
 def test_cancelling_a_manual_run_removes_its_prompts_and_says_so(
         deployed: Stack, comfy_e2e: StandInComfyUI, tmp_path, api_key):
     stack, comfy = deployed, comfy_e2e
