@@ -7,7 +7,8 @@ not copied into the report: each thumbnail is ComfyUI's own ``GET /view`` URL of
 reader's browser loads it from the ComfyUI server. Videos, animations and other files are
 links. A server that needs an API key (``api_key`` or ``headers`` set) gets links only, since a
 browser cannot send the key, and the gallery says so. Large runs show the first
-:data:`MAX_THUMBNAILS` generations, then a line saying how many more are in the table.
+:data:`MAX_THUMBNAILS` generations, then a line saying how many more are in the table (or, when
+the table shows only some rows, in the CSV file of every row).
 
 In an ``image_to_video`` run (:func:`two_stages`), a description's section pairs each image with
 the videos made from it: one table per image, ``image N`` first, then its ``video 1``,
@@ -20,8 +21,9 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import PurePosixPath
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import quote, urlencode
 
 from .models import GenerationResult, GenerationSpec, OutputFile
@@ -168,7 +170,7 @@ def _image_tables(group: Sequence[tuple[GenerationSpec, Mapping[str, Any]]]) -> 
 def gallery_markdown(specs: Sequence[GenerationSpec], rows: Sequence[Mapping[str, Any]],
                      outcomes: Mapping[int, Any], views: Mapping[str, ServerView], *,
                      character: str, kind: str, output_dir: str, table_key: str,
-                     limit: int = MAX_THUMBNAILS) -> str:
+                     limit: int = MAX_THUMBNAILS, full_table: Optional[str] = None) -> str:
     """The gallery's markdown: per description (``### N. text``), tables of at most
     :data:`COLUMNS` cells whose header names each cell (``variant N``; in an ``image_to_video``
     run one table per image: ``image N``, then ``video 1``, ``video 2``, ... made from it).
@@ -182,6 +184,9 @@ def gallery_markdown(specs: Sequence[GenerationSpec], rows: Sequence[Mapping[str
         output_dir: where the run saved its copies (named, since the gallery shows the server's).
         table_key: the table artifact's key, named when the gallery stops at ``limit``.
         limit: generations shown at most.
+        full_table: the CSV file of every row, when the table artifact shows only some
+            (:func:`tasks.report.table_shown`): named with the table, and where the generations
+            past ``limit`` are.
     """
     results = [o for o in outcomes.values() if isinstance(o, GenerationResult)]
     lines = [f"# {md_text(character)}: {kind_text(kind)} gallery", ""]
@@ -193,7 +198,8 @@ def gallery_markdown(specs: Sequence[GenerationSpec], rows: Sequence[Mapping[str
         f"{len(results)} of {len(specs)} generations have files. Thumbnails and links are ComfyUI's own "
         f"`/view` URLs: your browser loads them from the ComfyUI server while it is reachable from "
         f"here and still has the files. The run's copies are under `{output_dir}` on the machine "
-        f"that ran the flow (paths in the table `{table_key}`).")
+        f"that ran the flow (paths in the table `{table_key}`"
+        + (f"; every row in `{full_table}`" if full_table else "") + ").")
     if open_servers:
         lines += ["", "Images not showing? Then your browser cannot reach " + ", ".join(f"`{u}`" for u in open_servers)
                   + ": set `public_url` on the ComfyUI Server block to an address it can reach."]
@@ -202,7 +208,7 @@ def gallery_markdown(specs: Sequence[GenerationSpec], rows: Sequence[Mapping[str
                   + " an API key**, which a browser "
                   "cannot send: its files are linked, not shown; open them with the key (e.g. "
                   "`curl -H \"Authorization: Bearer $KEY\" URL`)."]
-    shown = list(zip(specs, rows))[:max(0, limit)]
+    shown = list(islice(zip(specs, rows), max(0, limit)))
     paired = two_stages(specs)
     groups: list[list[tuple[GenerationSpec, Mapping[str, Any]]]] = []
     for spec, row in shown:
@@ -221,6 +227,7 @@ def gallery_markdown(specs: Sequence[GenerationSpec], rows: Sequence[Mapping[str
                           "| " + " | ".join(_cell(spec, row, outcomes.get(spec.position), views, alt)
                                             for _, alt, spec, row in chunk) + " |"]
     if len(specs) > len(shown):
+        where = f"the CSV file `{full_table}`" if full_table else f"the table `{table_key}`"
         lines += ["", f"The first {len(shown)} of {len(specs)} generations are shown; "
-                  f"{len(specs) - len(shown)} more are in the table `{table_key}`."]
+                  f"{len(specs) - len(shown)} more are in {where}."]
     return "\n".join(lines) + "\n"

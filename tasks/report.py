@@ -3,10 +3,13 @@
 - table ``{character}-{kind}-generations``: one row per generation, its columns in the order a
   reader scans them (status, description, variant, seed, total_s, files, error, then the timing
   details, server and prompt_id; an ``image_to_video`` run adds stage and from, see
-  :func:`table_rows`); errors on one line of at most :data:`ERROR_CHARS` characters;
+  :func:`table_rows`); errors on one line of at most :data:`ERROR_CHARS` characters. A big run's
+  table keeps every generation that did not succeed and the last :data:`TABLE_ROWS` that did
+  (:func:`table_shown`); every row, with whole descriptions and errors, is then in a CSV file
+  ``{output_dir}/reports/{table key}-{flow run}.csv`` (:func:`write_table_csv`);
 - markdown ``{character}-{kind}-summary``: the verdict and the failures (full error text; a failed
   image says how many of its videos were skipped), then the totals (wall time, generations per
-  minute, connection facts), then the servers;
+  minute, connection facts, the CSV file of a big run), then the servers;
 - markdown ``{character}-{kind}-gallery``: a thumbnail per generation (:mod:`.gallery`);
 - progress ``{character}-{kind}-progress``: the share of generations finished, updated live.
 
@@ -17,9 +20,12 @@ titles and descriptions name the kind the same way (:func:`.gallery.kind_text`).
 
 from __future__ import annotations
 
+import csv
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Optional, Sequence, Union
 from uuid import UUID
 
@@ -29,6 +35,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.context import FlowRunContext
 from slugify import slugify
 
 from .gallery import ServerView, gallery_markdown, kind_text, two_stages
@@ -36,6 +43,11 @@ from .models import GenerationResult, GenerationSpec
 
 #: The table's error column holds one line of at most this many characters (the summary has it all).
 ERROR_CHARS = 120
+#: The table artifact shows every generation that did not succeed and the last this many that did
+#: (in plan order); a run with more has every row in a CSV file instead (see :func:`write_report`).
+TABLE_ROWS = 500
+#: The statuses of a generation that succeeded (the table's rows of any other status are all shown).
+SUCCEEDED = frozenset({"completed", "cached", "reused"})
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,65 @@ def error_texts(specs: list[GenerationSpec], outcomes: dict[int, Outcome]) -> li
     return texts
 
 
+def table_shown(rows: list[dict], last: int = TABLE_ROWS) -> list[dict]:
+    """The rows the table artifact shows, in plan order: every row that did not succeed
+    (``failed``, ``skipped``, ``interrupted``, ``cancelled``, ``not run``: any status but those
+    of :data:`SUCCEEDED`) and the last ``last`` rows that did. ``rows`` itself when that is every
+    row (a run with at most ``last`` successes keeps today's table)."""
+    succeeded = [i for i, row in enumerate(rows) if row["status"] in SUCCEEDED]
+    if len(succeeded) <= last:
+        return rows
+    first_kept = succeeded[-last] if last > 0 else len(rows)
+    return [row for i, row in enumerate(rows) if i >= first_kept or row["status"] not in SUCCEEDED]
+
+
+def table_csv_path(output_dir: str, table_key: str) -> str:
+    """Where the CSV file of the whole table goes: ``{output_dir}/reports/{table_key}-{run}.csv``
+    (absolute), ``run`` being the flow run's name and id (``crimson-fox-0b5e...``), or the UTC
+    time outside a flow run. :func:`write_table_csv` adds ``-2``, ``-3``, ... rather than
+    overwrite a file of that name (another attempt of the flow run)."""
+    context = FlowRunContext.get()
+    if context is not None:
+        run = f"{slugify(context.flow_run.name or '')}-{context.flow_run.id}".lstrip("-")
+    else:
+        run = os.environ.get("PREFECT__FLOW_RUN_ID") or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return os.path.join(os.path.abspath(output_dir), "reports", f"{table_key}-{run}.csv")
+
+
+def write_table_csv(path: str, specs: Sequence[GenerationSpec], rows: Sequence[dict],
+                    errors: Sequence[str]) -> str:
+    """Write every row of the table to a new CSV file (UTF-8, a header line, the table's columns
+    in its order; empty cells for ``None``) and return its path.
+
+    The cells are the table's, except ``description`` and ``error``, which are whole (``"2: "``
+    and the description's text; ``errors`` from :func:`error_texts`) where the table cuts them.
+    ``rows`` are :func:`table_rows` of ``specs``, in the same order. The parent directories are
+    created; a file already at ``path`` is kept and the rows go to ``{stem}-2.csv`` (then
+    ``-3``, ...), whose path is returned. A write that fails removes its partial file and raises.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0]) if rows else []
+    number = 1
+    while True:
+        try:
+            out = open(target, "x", newline="", encoding="utf-8")
+            break
+        except FileExistsError:
+            number += 1
+            target = Path(path).with_name(f"{Path(path).stem}-{number}{Path(path).suffix}")
+    try:
+        with out:
+            writer = csv.DictWriter(out, fieldnames=columns)
+            writer.writeheader()
+            for spec, row, error in zip(specs, rows, errors):
+                writer.writerow({**row, "description": f"{spec.index + 1}: {spec.description}", "error": error})
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return str(target)
+
+
 @dataclass
 class RunFacts:
     """What the summary says about the run besides the rows.
@@ -200,7 +271,8 @@ class RunFacts:
 
 
 def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
-                     errors: Optional[Sequence[str]] = None) -> str:
+                     errors: Optional[Sequence[str]] = None, *, shown: Optional[int] = None,
+                     table_csv: Optional[str] = None, table_csv_error: Optional[str] = None) -> str:
     """The markdown summary, in the order a reader needs it: the verdict (and why the run
     stopped, if it did), the failures with their whole error text, the totals (wall time in
     seconds, throughput, connections), then the servers and the servers lost during the run.
@@ -209,6 +281,10 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
     it the failure list shows the table's one-line errors. Generations per minute and the
     servers' busy time count this attempt's work only: a row ``reused`` from an earlier attempt
     of the flow run has its own count.
+
+    A big run's table shows ``shown`` of the rows (:func:`table_shown`): the totals then say so,
+    and link ``table_csv``, the CSV file with every row (its absolute path and a ``file://``
+    link), or, if it could not be written, say why (``table_csv_error``, one warning line).
 
     Rows of an ``image_to_video`` run (they have a ``stage`` column, see :func:`table_rows`)
     count both stages everywhere; videos ``skipped`` because their image failed are counted in
@@ -280,23 +356,43 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
         f"| generations per minute (this attempt) | {per_minute:.1f} |",
         f"| files written (this attempt) | {files_written} |",
         f"| output directory | `{os.path.abspath(facts.output_dir)}` |",
+    ]
+    if shown is not None and shown < total:
+        kept = sum(1 for r in rows if r["status"] not in SUCCEEDED)
+        lines.append(f"| generations table | {shown} of {total} rows: the {kept} that did not succeed and the "
+                     f"last {shown - kept} that did |")
+    if table_csv:
+        lines.append(f"| every row (CSV) | `{table_csv}` ([open]({Path(table_csv).as_uri()})) |")
+    if table_csv_error:
+        lines.append(f"| every row (CSV) | **warning: not written**: {_cell_text(table_csv_error)} |")
+    lines += [
         f"| ComfyUI server | {facts.server_url} |",
         f"| connections opened | {facts.connections_opened} |",
         f"| reconnects | {facts.reconnects} |",
     ]
     if facts.client_id:
         lines.append(f"| client_id | `{facts.client_id}` |")
-    this_attempt = [r for r in rows if r["status"] in ("completed", "cached")]
     if len(facts.servers) > 1 or any(r["server"] for r in rows):
+        # one pass over the rows, whatever the number of servers: {url: [generations, busy seconds]}
+        per_server: dict[str, list] = {}
+        for r in rows:
+            if r["status"] in ("completed", "cached"):
+                figures = per_server.setdefault(r["server"], [0, 0.0])
+                figures[0] += 1
+                figures[1] += r["execution_s"] or 0.0
         lines += ["", "## Servers (this attempt)", "", "| server | generations | busy (s) |", "|---|---|---|"]
-        for url in facts.servers or sorted({r["server"] for r in this_attempt if r["server"]}):
-            mine = [r for r in this_attempt if r["server"] == url]
-            busy = sum(r["execution_s"] or 0.0 for r in mine)
-            lines.append(f"| {url} | {len(mine)} | {busy:.1f} |")
+        for url in facts.servers or sorted(url for url in per_server if url):
+            count, busy = per_server.get(url, (0, 0.0))
+            lines.append(f"| {url} | {count} | {busy:.1f} |")
     lines += lost_servers(facts.outages, facts.moved)
     for note in facts.notes:
         lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def _cell_text(text: str) -> str:
+    """``text`` on one line that stays in its markdown table cell (``|`` escaped)."""
+    return trim(text, 500).replace("|", "\\|")
 
 
 def lost_servers(outages: dict, moved: list[tuple[int, int, str, str]]) -> list[str]:
@@ -322,7 +418,15 @@ def lost_servers(outages: dict, moved: list[tuple[int, int, str, str]]) -> list[
 
 def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], facts: RunFacts,
                  reused: frozenset[int] = frozenset()) -> list[dict]:
-    """Create the table, summary and gallery artifacts for a flow run; return the table rows.
+    """Create the table, summary and gallery artifacts for a flow run; return every table row
+    (:func:`table_rows`, also those the table artifact leaves out).
+
+    A run with more than :data:`TABLE_ROWS` generations that succeeded has a table of every
+    generation that did not and the last :data:`TABLE_ROWS` that did (:func:`table_shown`; its
+    description says how many rows of how many), and every row goes to a CSV file
+    (:func:`table_csv_path`, :func:`write_table_csv`) that the summary links. A CSV file that
+    cannot be written is a warning in the summary (and the table's description), not an
+    exception. Smaller runs have every row in the table and no CSV file.
 
     ``reused``: positions whose results came from an earlier attempt (see :func:`table_rows`).
     The gallery reaches the servers as ``facts.views`` says (:func:`.gallery.server_views`).
@@ -332,26 +436,37 @@ def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], fact
     facts.moved = [(o.index, o.variant, o.moved_from, o.server) for o in outcomes.values()
                    if isinstance(o, GenerationResult) and o.moved_from]
     table_key = artifact_key(facts.character, facts.kind, "generations")
-    create_table_artifact(
-        table=rows,
-        key=table_key,
-        description=f"Every {kind_text(facts.kind)} generation for {facts.character}: status, durations (s), "
-                    "files, errors.",
-    )
+    errors = error_texts(specs, outcomes)
+    shown = table_shown(rows)
+    kind = kind_text(facts.kind)
+    table_csv = table_csv_error = None
+    if len(shown) < len(rows):
+        path = table_csv_path(facts.output_dir, table_key)
+        try:
+            table_csv = write_table_csv(path, specs, rows, errors)
+        except Exception as exc:  # the report (and the run's outcome) goes on without the file
+            table_csv_error = f"could not write `{path}`: {describe_error(exc)}"
+        kept = len(shown) - TABLE_ROWS
+        where = f"every row is in `{table_csv}`" if table_csv else "the CSV file of every row could not be written"
+        description = (f"{len(shown)} of {len(rows)} {kind} generations for {facts.character}: the {kept} that "
+                       f"did not succeed and the last {TABLE_ROWS} that did, in plan order ({where}). "
+                       "Status, durations (s), files, errors.")
+    else:
+        description = f"Every {kind} generation for {facts.character}: status, durations (s), files, errors."
+    create_table_artifact(table=shown, key=table_key, description=description)
     create_markdown_artifact(
         markdown=summary_markdown(rows, facts, sum(
             len(o.files) for p, o in outcomes.items() if isinstance(o, GenerationResult) and p not in reused),
-            errors=error_texts(specs, outcomes)),
+            errors=errors, shown=len(shown), table_csv=table_csv, table_csv_error=table_csv_error),
         key=artifact_key(facts.character, facts.kind, "summary"),
-        description=f"Summary of the {kind_text(facts.kind)} generations for {facts.character}.",
+        description=f"Summary of the {kind} generations for {facts.character}.",
     )
     create_markdown_artifact(
         markdown=gallery_markdown(specs, rows, outcomes, facts.views, character=facts.character,
                                   kind=facts.kind, output_dir=os.path.abspath(facts.output_dir),
-                                  table_key=table_key),
+                                  table_key=table_key, full_table=table_csv),
         key=artifact_key(facts.character, facts.kind, "gallery"),
-        description=f"Thumbnails of the {kind_text(facts.kind)} generations for {facts.character}, "
-                    "from the ComfyUI server.",
+        description=f"Thumbnails of the {kind} generations for {facts.character}, from the ComfyUI server.",
     )
     return rows
 

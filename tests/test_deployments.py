@@ -27,13 +27,17 @@ def test_parameter_schema_gives_a_form_with_types():
     schema = generate_content.parameters.model_dump()
     props = schema["properties"]
     assert schema["required"] == ["server", "workflow", "descriptions"]
-    assert props["descriptions"]["type"] == "array"
+    # a list (text or rows), or the path / URL of a file the worker reads (big runs)
+    assert [c.get("type") for c in props["descriptions"]["anyOf"]] == ["array", "string"]
+    assert [c["title"] for c in props["descriptions"]["anyOf"]] == ["List", "Descriptions file (path or URL)"]
     assert props["variants"]["type"] == "integer" and props["variants"]["minimum"] == 1
     assert props["kind"]["enum"] == ["image", "video", "image_to_video"]
     # image-to-video: the video workflow is a second workflow choice; rows carry their own images
     assert list(_choices(schema, props["video_workflow"])) == ["Saved workflow", "Workflow file"]
     assert props["video_workflow"]["default"] == "" and props["image_variants"]["default"] == 1
     assert props["inputs"]["additionalProperties"] == {"type": "string"}
+    assert props["concurrency"]["default"] == 0 and props["max_in_flight"]["default"] == 0
+    assert props["shard_size"]["default"] == 0
     row = schema["definitions"]["DescriptionRow"]
     assert row["required"] == ["description"] and row["additionalProperties"] == {"type": "string"}
     definitions = schema.get("definitions", {})
