@@ -425,7 +425,8 @@ class ComfyUIConnection:
         ``reserved``: the caller already holds one of this connection's in-flight slots
         (:meth:`reserve_slot`); it is given back when the prompt finishes. ``front``: ComfyUI's
         ``"front": true``, the prompt goes before every pending one in the server's queue (the
-        latest such prompt first).
+        latest such prompt first), but only when, by the last ``status`` broadcast, every prompt
+        in that queue is ours: never ahead of another client's.
 
         Returns:
             the ``prompt_id`` (a uuid4 string unless one was given).
@@ -442,7 +443,7 @@ class ComfyUIConnection:
         body: dict[str, Any] = {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id}
         if extra_data:
             body["extra_data"] = dict(extra_data)
-        if front:
+        if front and self._only_ours_queued():
             body["front"] = True
         frames_before = self.transport.text_frames()
         try:
@@ -476,6 +477,13 @@ class ComfyUIConnection:
                 self._waiters[returned] = waiter
             prompt_id = returned
         return prompt_id
+
+    def _only_ours_queued(self) -> bool:
+        """Whether the server's queue (running and pending, by its last ``status`` broadcast) holds
+        no prompt but ours: at most our prompts in flight here besides the one being posted."""
+        queued = self.stats.last_queue_remaining
+        ours_before = self.max_in_flight - self.free_slots - 1  # this prompt's slot is taken already
+        return queued is not None and queued <= ours_before
 
     def _remove_late(self, prompt_id: str) -> None:
         """Remove a prompt whose POST landed after :meth:`close` began; raise GenerationCancelled."""

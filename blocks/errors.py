@@ -86,12 +86,12 @@ class InputImageError(WorkflowError):
     """An input image (``--input KEY=PATH``, the flow's ``inputs``, a descriptions file's column)
     cannot be used: missing, unreadable, or not an image. Found before anything is sent."""
 
-    def __init__(self, name: str, path: str, reason: str):
+    def __init__(self, name: str, path: str, reason: str, advice: str | None = None):
         self.name = name
         self.path = path
         self.reason = reason
-        super().__init__(f"input image {name!r} ({path}) {reason}: give the path of a PNG, JPEG, WebP, GIF, "
-                         "BMP or TIFF file that the machine running the flow can read")
+        super().__init__(f"input image {name!r} ({path}) {reason}: " + (advice or (
+            "give the path of a PNG, JPEG, WebP, GIF, BMP or TIFF file that the machine running the flow can read")))
 
 
 class WorkflowNotRunnable(WorkflowError):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, Field
 
-from .errors import InputImageError, WorkflowError
+from .errors import InputImageError, ServerError, WorkflowError
 
 if TYPE_CHECKING:
     from .http_api import ComfyUIHTTP
@@ -93,9 +93,13 @@ def read_input_image(name: str, path: str | Path, *, origin: Optional[ServerFile
             bytes are not those of a PNG, JPEG, WebP, GIF, BMP or TIFF image.
     """
     file = Path(path).expanduser().absolute()
-    if not file.exists():
+    try:
+        exists, is_file = file.exists(), file.is_file()
+    except OSError as exc:  # a name too long, a folder we may not look into
+        raise InputImageError(name, str(file), f"cannot be read ({exc.strerror or exc})") from None
+    if not exists:
         raise InputImageError(name, str(file), "does not exist")
-    if not file.is_file():
+    if not is_file:
         raise InputImageError(name, str(file), "is not a file")
     digest = hashlib.sha256()
     size = 0
@@ -134,7 +138,13 @@ def check_input_images(inputs: Mapping[str, str], per_description: Sequence[Mapp
     for name in sorted(names):
         if not any(workflow.binds(name) and not (stage == "video" and name == "image")
                    for stage, workflow in stages.items()):
-            sources = " or ".join(repr(w.source or "the workflow") for w in stages.values())
+            if name == "image" and "video" in stages:
+                raise WorkflowError(
+                    f"input image 'image' is not bound by the image workflow {workflow_label(stages['image'])}: in an "
+                    "image_to_video run the video workflow's 'image' is the image made for its description, and "
+                    "input images (--input, a descriptions file's columns) go to the image workflow; bind 'image' "
+                    "there (examples/workflows/img2img_smoke.json does) or leave the input out")
+            sources = " or ".join(workflow_label(w) for w in stages.values())
             raise WorkflowError(f"input image {name!r} is not bound by {sources}: bind it to a LoadImage input "
                                 f"(\"{name}\": \"<node title>.inputs.image\" in its bindings) or leave it out")
     read: dict[str, InputImage] = {}
@@ -150,6 +160,12 @@ def check_input_images(inputs: Mapping[str, str], per_description: Sequence[Mapp
                     chosen[name] = read[path]
             out[stage].append(chosen)
     return out
+
+
+def workflow_label(workflow: "ComfyUIWorkflow") -> str:
+    """How messages name a workflow: ``saved workflow 'name'`` for a saved block, else its file."""
+    name = getattr(workflow, "_block_document_name", None)
+    return f"saved workflow {name!r}" if name else repr(workflow.source or "the workflow")
 
 
 def upload_value(answer: dict) -> str:
@@ -184,16 +200,18 @@ class InputImages:
 
         Uploads it into ``subfolder`` (type input) the first time this connection is asked for
         that content and subfolder; later calls, from any thread, get the same answer (a call
-        made while the upload runs waits for it). A failed upload is not remembered: the next
-        call tries again.
+        made while the upload runs waits for it). A failed upload is not remembered (the next
+        call tries again), except a file too big for the server or unreadable.
 
         Raises:
-            InputImageError: the local file cannot be read any more.
+            InputImageError: the local file cannot be read any more, or the server refuses its
+                size (HTTP 413).
             ServerError / ServerUnreachable / AuthenticationFailed: the upload failed (after the
                 HTTP client's retries of 5xx answers and dropped transfers).
         """
-        if image.origin is not None and image.origin.server.rstrip("/") == self.url.rstrip("/"):
-            return image.origin.annotated
+        if (image.origin is not None and image.origin.type == "output"
+                and image.origin.server.rstrip("/") == self.url.rstrip("/")):
+            return image.origin.annotated  # (a temp file would be gone after a restart: uploaded instead)
         key = (image.sha256, subfolder)
         with self._lock:
             future = self._values.get(key)
@@ -204,12 +222,20 @@ class InputImages:
             return future.result()
         try:
             data = _read(image)
-            answer = self._http.upload_image(data, Path(image.path).name, subfolder=subfolder,
-                                             content_type=image.content_type)
+            try:
+                answer = self._http.upload_image(data, Path(image.path).name, subfolder=subfolder,
+                                                 content_type=image.content_type)
+            except ServerError as exc:
+                if exc.status != 413:
+                    raise
+                raise InputImageError("image", image.path, f"is {image.bytes} bytes, more than {self.url} accepts "
+                                      "(HTTP 413)", "use a smaller file, or start ComfyUI with a larger "
+                                      "--max-upload-size (in MB)") from None
             value = upload_value(answer)
         except BaseException as exc:
-            with self._lock:
-                self._values.pop(key, None)
+            if not isinstance(exc, InputImageError):  # a file too big or unreadable stays so: remembered
+                with self._lock:
+                    self._values.pop(key, None)
             future.set_exception(exc)
             raise
         with self._lock:

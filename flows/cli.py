@@ -14,10 +14,16 @@ SIGTERM, within 10 s, after our prompts were removed from the server (see ``cli_
 
 from __future__ import annotations
 
-import json
-import signal
-import sys
-import uuid
+import os
+
+# Prefect's temporary API gives up after 20 s by default: too short on a small, busy machine for a
+# first run. Before Prefect is imported (it reads its settings then); a value you set wins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import uuid  # noqa: E402
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -35,7 +41,7 @@ from .cli_display import RunDisplay, print_end, quiet_prefect_console
 from .cli_signals import SignalOwner
 from .cli_support import CA_BUNDLE_HELP, INSECURE_HELP, fail, server_block, workflow_from_file
 from .cli_support import SEED_HELP, USAGE_ERRORS, Kind, check_output_dir, check_seed, seeds, usage_line
-from .descriptions import Description, DescriptionRow, read_descriptions_file, texts_and_inputs
+from .descriptions import Description, DescriptionRow, as_one_kind, read_descriptions_file, texts_and_inputs
 
 app = typer.Typer(add_completion=False, help="Run ComfyUI generations as Prefect flows.")
 
@@ -124,6 +130,9 @@ def run(
     concurrency: int = typer.Option(0, "--concurrency", min=0, max=256,
                                     help="Generations in flight at once (threads); 0 (default): the sum of "
                                          "--max-in-flight over the servers, every slot used."),
+    shard_size: int = typer.Option(0, "--shard-size", min=0,
+                                   help="Split a run of more descriptions than this into shards of this many, "
+                                        "each its own flow run (here: one after the other); 0: never."),
     max_in_flight: int = typer.Option(2, "--max-in-flight", min=1,
                                       help="Prompts queued or running per server."),
     retries: int = typer.Option(2, "--retries", min=0, max=10,
@@ -167,7 +176,7 @@ def run(
     template = workflow_from_file(workflow)
     video_workflow, video_template = check_video_workflow(kind, video_workflow, demo, image_variants)
     check_input_images(inputs, texts, template, video_template)
-    passed = descriptions_parameter(texts, descriptions if not description else None, output_dir)
+    passed = descriptions_parameter(as_one_kind(texts), descriptions if not description else None, output_dir)
     check_parameters_size(passed, extra_params, inputs)
     if demo:  # running until the command ends, Ctrl-C included
         server = [start_demo(ctx)]
@@ -189,6 +198,7 @@ def run(
                 state = _call_flow(flow, block, str(Path(workflow).absolute()), passed, kind.flow_kind, character,
                                    variants, output_dir, seed_mode, base_seed, extra_params, output_type, retries,
                                    retry_delay, image_variants=image_variants, inputs=inputs, concurrency=concurrency,
+                                   shard_size=shard_size,
                                    video_workflow=str(Path(video_workflow).absolute()) if video_workflow else "")
         except KeyboardInterrupt:
             _point_at_report(character, kind.flow_kind)  # the flow wrote it, saying the run was stopped
@@ -196,6 +206,12 @@ def run(
         except TerminationSignal as exc:
             _point_at_report(character, kind.flow_kind)
             raise _stopped(owner, exc.signal) from None
+        except RuntimeError as exc:
+            if "ephemeral Prefect API server" not in str(exc):
+                raise
+            raise fail(f"{exc} Start one with 'prefect server start' in another terminal and export "
+                       "PREFECT_API_URL=http://127.0.0.1:4200/api, or give it longer with "
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (default here 90)", 1) from None
         except httpx.HTTPStatusError as exc:  # Prefect's API refused the flow run (e.g. 422): one line
             answer = " ".join(exc.response.text.split())[:300]
             raise fail(f"Prefect's API at {exc.request.url.host} refused the flow run: HTTP {exc.response.status_code} "

@@ -27,8 +27,11 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+# A description (a CSV cell) may be long: the default limit is 128 KB.
+csv.field_size_limit(16 * 1024 * 1024)
+
 __all__ = ["DescriptionRow", "Description", "read_descriptions_file", "read_descriptions", "parse_descriptions",
-           "texts_and_inputs", "is_reference"]
+           "texts_and_inputs", "is_reference", "as_one_kind"]
 
 
 class DescriptionRow(BaseModel):
@@ -58,6 +61,14 @@ class DescriptionRow(BaseModel):
 
 #: A description as the flow takes it: a text, or a row with input images.
 Description = Union[str, DescriptionRow]
+
+
+def as_one_kind(descriptions: list[Description]) -> Union[list[str], list[DescriptionRow]]:
+    """``descriptions`` as the flow's parameter takes them: all texts, or (when any is a row)
+    all rows, a text becoming a row without input images."""
+    if all(isinstance(d, str) for d in descriptions):
+        return list(descriptions)
+    return [d if isinstance(d, DescriptionRow) else DescriptionRow(description=d) for d in descriptions]
 
 
 def texts_and_inputs(descriptions: list[Description]) -> tuple[list[str], list[dict[str, str]]]:
@@ -155,12 +166,20 @@ def parse_descriptions(text: str, name: str, *, base: Optional[Path] = None) -> 
     path = name  # named in the messages
     suffix = PurePosixPath(name.split("?", 1)[0]).suffix.lower()
     if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))  # a quoted cell may hold line breaks
+        # a quoted cell may hold line breaks; strict: an unclosed quote is an error, not a merged row
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         if not reader.fieldnames or "description" not in [f.strip() for f in reader.fieldnames]:
-            raise ValueError(f"{path}: the first row must name the columns, one of them 'description' "
-                             f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})")
+            raise ValueError(f"{path}: the first row must name the comma-separated columns, one of them "
+                             f"'description' (found: {', '.join(reader.fieldnames or []) or 'nothing'})")
         rows: list[Description] = []
-        for record in reader:
+        records = iter(reader)
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise ValueError(f"{path}, line {reader.line_num}: not valid CSV ({exc})") from None
             number = reader.line_num
             if None in record:
                 raise ValueError(f"{path}, line {number}: more cells than columns")
@@ -171,7 +190,7 @@ def parse_descriptions(text: str, name: str, *, base: Optional[Path] = None) -> 
         return rows
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(_lines(text), start=1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
@@ -185,4 +204,11 @@ def parse_descriptions(text: str, name: str, *, base: Optional[Path] = None) -> 
             else:
                 rows.append(_row(data, f"{path}, line {number}", base))
         return rows
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [line.strip() for line in _lines(text) if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a text or JSON Lines file: split at ``\\n`` (and ``\\r\\n``) only, so that a
+    description may hold any other character (``str.splitlines`` would also split at U+2028, NEL,
+    form feed, ...)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]

@@ -42,7 +42,7 @@ from ..tasks.generate import (flow_attempt, flow_attempts_prompt_ids, generate, 
                               with_moved_copies, workflow_params)
 from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind, Stage
 from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, describe_error, write_report
-from .descriptions import Description, is_reference, read_descriptions, texts_and_inputs
+from .descriptions import DescriptionRow, is_reference, read_descriptions, texts_and_inputs
 from .form import ServerParameter, WorkflowParameter
 
 #: The most generations a flow run has in flight at once (threads of its task runner), whatever
@@ -77,6 +77,7 @@ def plan_generations(
     run_key: Optional[str] = None,
     inputs: Optional[Sequence[Mapping[str, InputImage]]] = None,
     stage: Stage = "image",
+    index_offset: int = 0,
 ) -> list[GenerationSpec]:
     """Every (description, variant) pair with its seed and a client-chosen ``prompt_id``.
 
@@ -85,12 +86,15 @@ def plan_generations(
     With a ``run_key`` (the flow run id) the plan is the same every time it is made for that
     key, random seeds included, so a retried flow run finds its completed generations again.
     ``inputs``: each description's input images (``{parameter: InputImage}``), in order.
+    ``index_offset``: the index of the first description (a shard of a bigger run: its file names,
+    seeds and report keep the big run's numbering).
     """
     namespace = uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{run_key}") if run_key else None
     rng = random.Random(run_key) if run_key else random.Random()
     total = len(descriptions) * variants
     specs = []
-    for index, description in enumerate(descriptions):
+    for number, description in enumerate(descriptions):
+        index = index_offset + number
         for variant in range(variants):
             seed = (
                 choose_seed(seed_mode, base_seed=base_seed, index=index, variant=variant,
@@ -108,7 +112,7 @@ def plan_generations(
                     position=len(specs) + 1,
                     total=total,
                     stage=stage,
-                    inputs=dict(inputs[index]) if inputs else {},
+                    inputs=dict(inputs[number]) if inputs else {},
                 )
             )
     return specs
@@ -126,6 +130,7 @@ def plan_image_to_video(
     run_key: Optional[str] = None,
     image_inputs: Optional[Sequence[Mapping[str, InputImage]]] = None,
     video_inputs: Optional[Sequence[Mapping[str, InputImage]]] = None,
+    index_offset: int = 0,
 ) -> list[GenerationSpec]:
     """An ``image_to_video`` plan: for each description ``image_variants`` images, each followed
     by the ``variants`` videos made from it (``[d0 image0, d0 video0, d0 video1, d0 image1, ...]``).
@@ -140,24 +145,25 @@ def plan_image_to_video(
     total = len(descriptions) * image_variants * (1 + variants)
     specs: list[GenerationSpec] = []
 
-    def add(index: int, variant: int, description: str, stage: Stage, uses_seed: bool, of: int,
+    def add(number: int, variant: int, description: str, stage: Stage, uses_seed: bool, of: int,
             inputs: Optional[Sequence[Mapping[str, InputImage]]], source: Optional[int]) -> GenerationSpec:
+        index = index_offset + number
         seed = (choose_seed(seed_mode, base_seed=base_seed, index=index, variant=variant, variants=of, rng=rng)
                 if uses_seed else None)
         name = f"{index}/{variant}" + ("/video" if stage == "video" else "")
         spec = GenerationSpec(index=index, variant=variant, description=description, seed=seed,
                               prompt_id=str(uuid.uuid5(namespace, name) if namespace else uuid.uuid4()),
                               position=len(specs) + 1, total=total, stage=stage,
-                              inputs=dict(inputs[index]) if inputs else {}, source=source)
+                              inputs=dict(inputs[number]) if inputs else {}, source=source)
         specs.append(spec)
         return spec
 
-    for index, description in enumerate(descriptions):
+    for number, description in enumerate(descriptions):
         for image_variant in range(image_variants):
-            image = add(index, image_variant, description, "image", image_uses_seed, image_variants,
+            image = add(number, image_variant, description, "image", image_uses_seed, image_variants,
                         image_inputs, None)
-            for number in range(variants):
-                add(index, image_variant * variants + number, description, "video", video_uses_seed,
+            for video in range(variants):
+                add(number, image_variant * variants + video, description, "video", video_uses_seed,
                     image_variants * variants, video_inputs, image.position)
     return specs
 
@@ -208,7 +214,7 @@ class _Generations:
         and advance the progress artifact. ``rerun`` (1) runs completed generations again, with
         prompt ids of their own (see ``generate``); their progress was counted already."""
         self.counting = not rerun
-        self._drive(task, connection, deque((template, s) for s in specs), settings, rerun=rerun)
+        self._drive(connection, deque((task, template, s, rerun) for s in specs), settings)
 
     def run_image_to_video(self, task, connection, image_workflow, video_workflow, specs, settings) -> None:
         """Run an ``image_to_video`` plan (:func:`plan_image_to_video`): the images in plan order,
@@ -220,15 +226,18 @@ class _Generations:
         for spec in specs:
             if spec.stage == "video":
                 videos_of[spec.source].append(spec)
-        self._drive(task, connection, deque((image_workflow, s) for s in specs if s.stage == "image"), settings,
-                    videos_of=videos_of, video_workflow=video_workflow)
+        self._drive(connection, deque((task, image_workflow, s, 0) for s in specs if s.stage == "image"), settings,
+                    videos_of=videos_of, video_workflow=video_workflow, video_task=task)
 
-    def _drive(self, task, connection, waiting: deque, settings, *, rerun: int = 0,
-               videos_of: Optional[dict[int, list[GenerationSpec]]] = None, video_workflow=None) -> None:
-        pending: dict[concurrent.futures.Future, tuple[int, Any]] = {}
+    def _drive(self, connection, waiting: deque, settings, *,
+               videos_of: Optional[dict[int, list[GenerationSpec]]] = None, video_workflow=None,
+               video_task=None) -> None:
+        """Submit ``waiting`` items ``(task, workflow, spec, rerun)``, at most ``window`` at once, and
+        record each outcome; a finished image's videos (``videos_of``) go to the front of the line."""
+        pending: dict[concurrent.futures.Future, tuple] = {}  # -> (position, future, task, workflow, rerun)
         while waiting or pending:
             while waiting and len(pending) < self.window:
-                workflow, spec = waiting.popleft()
+                task, workflow, spec, rerun = waiting.popleft()
                 if connection.no_new_prompts is not None:  # ComfyUI refused the workflow itself
                     self._skip([spec], connection.no_new_prompts, status="not run")
                     continue
@@ -236,17 +245,28 @@ class _Generations:
                 self.futures[spec.position] = future
                 self.submitted[spec.position] = spec
                 self.reused.discard(spec.position)  # run again (files lost): not reused any more
-                pending[future.wrapped_future] = (spec.position, future)
+                pending[future.wrapped_future] = (spec.position, future, task, workflow, rerun)
             if not pending:
                 continue
             done, _ = concurrent.futures.wait(list(pending), return_when=concurrent.futures.FIRST_COMPLETED)
             for wrapped in done:
-                position, future = pending.pop(wrapped)
+                position, future, task, workflow, rerun = pending.pop(wrapped)
                 self._record(position, future)
                 videos = (videos_of or {}).pop(position, [])
-                if videos:
-                    ready = self._start_videos(position, videos)
-                    waiting.extendleft(reversed([(video_workflow, v) for v in ready]))
+                if not videos:
+                    continue
+                outcome = self.outcomes[position]
+                if isinstance(outcome, GenerationResult) and not rerun and not _files_exist(outcome):
+                    # an earlier attempt's image whose file was deleted since: made again before its videos
+                    get_run_logger().warning("the image of description %d (image %d) lost its file on disk; "
+                                             "making it again before its videos", outcome.index + 1,
+                                             outcome.variant + 1)
+                    videos_of[position] = videos
+                    waiting.appendleft((task.with_options(refresh_cache=True), workflow,
+                                        self.submitted[position], 1))
+                    continue
+                ready = self._start_videos(position, videos)
+                waiting.extendleft(reversed([(video_task, video_workflow, v, 0) for v in ready]))
 
     def _start_videos(self, position: int, videos: list[GenerationSpec]) -> list[GenerationSpec]:
         """The videos of image ``position`` with that image as their ``image`` input, ready to run;
@@ -303,6 +323,10 @@ class _Generations:
             self.progress.advance()
 
 
+def _files_exist(result: GenerationResult) -> bool:
+    return all(Path(f.path).is_file() for f in result.files)
+
+
 def _stop_reason(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
@@ -354,6 +378,22 @@ def _load_workflow(workflow: Union[ComfyUIWorkflow, str]) -> ComfyUIWorkflow:
     return ComfyUIWorkflow.from_file(workflow)
 
 
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"start:stop"`` (0-based, stop excluded) as two ints.
+
+    Raises:
+        WorkflowError: not two ints with 0 <= start < stop.
+    """
+    start, sep, stop = shard.partition(":")
+    try:
+        first, last = int(start), int(stop)
+    except ValueError:
+        first, last = -1, -1
+    if not sep or not 0 <= first < last:
+        raise WorkflowError(f"shard {shard!r} is not 'start:stop' with 0 <= start < stop")
+    return first, last
+
+
 def _failed_message(specs, outcomes, stopped: Optional[str], not_run: int, no_new_prompts: Optional[str]) -> str:
     """The Failed state's message: how many generations failed (and were skipped, not run), and
     the first image error that skipped videos."""
@@ -382,7 +422,9 @@ def _failed_message(specs, outcomes, stopped: Optional[str], not_run: int, no_ne
 def generate_content(
     server: ServerParameter,
     workflow: WorkflowParameter,
-    descriptions: Union[Annotated[list[Description], Field(min_length=1, title="List")],
+    # Three choices in the UI's form: texts (a text box each), rows with input images, or a file.
+    descriptions: Union[Annotated[list[str], Field(min_length=1, title="Texts")],
+                        Annotated[list[DescriptionRow], Field(min_length=1, title="Rows with input images")],
                         Annotated[str, Field(min_length=1, title="Descriptions file (path or URL)")]],
     kind: Kind = "image",
     character: str = "character",
@@ -400,6 +442,8 @@ def generate_content(
     retry_delay_s: Annotated[float, Field(ge=0)] = 5.0,
     concurrency: Annotated[int, Field(ge=0, le=MAX_CONCURRENCY)] = 0,
     max_in_flight: Annotated[int, Field(ge=0, le=64)] = 0,
+    shard_size: Annotated[int, Field(ge=0)] = 0,
+    shard: str = "",
 ) -> list[GenerationResult]:
     """Generate ``variants`` images or videos for each description over ONE ComfyUI connection.
 
@@ -409,9 +453,10 @@ def generate_content(
         workflow: a saved ComfyUI Workflow block (what deployments use: the worker needs no
             file), or an API-format workflow JSON path on the machine that runs the flow
             (bindings in the file or a ``.bindings.json`` sidecar).
-        descriptions: the text descriptions; each becomes ``variants`` generations. A description
-            can be a row ``{"description": "...", "image": "/path/start.png"}`` whose other fields
-            are its own input images (see ``inputs``). Or, for big runs, the path or fsspec URL
+        descriptions: the text descriptions; each becomes ``variants`` generations. Or rows
+            ``{"description": "...", "reference": "/path/alice.png"}`` whose other fields are the
+            description's own input images (see ``inputs``; in an ``image_to_video`` run they go
+            to the image workflow). Or, for big runs, the path or fsspec URL
             (``file://``, ``s3://``...) of a text, ``.csv`` or ``.jsonl`` file of them, which the
             machine running the flow reads (``flows/descriptions.py``).
         kind: ``image`` or ``video`` (decides file naming and the report's labels), or
@@ -441,6 +486,14 @@ def generate_content(
         concurrency: generations in flight at once (threads); 0 (default): the sum of the
             servers' ``max_in_flight``, so every slot of every server is used (at most 256).
         max_in_flight: prompts queued or running per server; 0 (default): each server block's own.
+        shard_size: with more descriptions than this (e.g. 500), the run becomes a parent that runs
+            one child flow run per shard of ``shard_size`` descriptions (through this run's
+            deployment, so any worker of the pool takes a shard; without a deployment, as subflows
+            in this process), retries a failed shard once, and writes one report over all shards
+            (``flows/shards.py``). 0 (default): never.
+        shard: set by a parent run: ``"start:stop"``, which descriptions of the parent's this run
+            makes (0-based, stop excluded); a reference is read and sliced, a list is that slice
+            already. File names, seeds and the report keep the parent's numbering.
 
     Returns:
         the :class:`GenerationResult` of every generation, in plan order.
@@ -451,17 +504,26 @@ def generate_content(
             ``WorkflowNotRunnable`` when no server can run it (preflight), after writing the report.
         ServerUnreachable / AuthenticationFailed: at connect, after writing the report.
     """
+    arguments = dict(locals())  # as called: a parent run gives them to its shards
     logger = get_run_logger()
     began = time.monotonic()
     video_template: Optional[ComfyUIWorkflow] = None
+    index_offset = 0
     try:
-        if is_reference(descriptions):
+        by_reference = is_reference(descriptions)
+        if by_reference:
             try:
                 descriptions = read_descriptions(descriptions)
             except ValueError as exc:
                 raise WorkflowError(str(exc)) from None
             if not descriptions:
                 raise WorkflowError("the descriptions file has no description")
+        if shard:
+            index_offset, stop = parse_shard(shard)
+            if by_reference:
+                descriptions = descriptions[index_offset:stop]
+            if not descriptions or len(descriptions) != stop - index_offset:
+                raise WorkflowError(f"shard {shard!r} does not match the {len(descriptions)} description(s) given")
         texts, own_inputs = texts_and_inputs(descriptions)
         template = _load_workflow(workflow)
         require_description_binding(template)
@@ -472,21 +534,26 @@ def generate_content(
                                     "from each image, binding its start image as 'image')")
             video_template = stages["video"] = _load_workflow(video_workflow)
             require_start_image_binding(video_template)
-        elif video_workflow:
-            logger.warning("video_workflow is used only with kind image_to_video; this %s run ignores it", kind)
+        elif video_workflow or image_variants != 1:
+            logger.warning("video_workflow and image_variants are used only with kind image_to_video; this %s run "
+                           "ignores them", kind)
         images = check_input_images(inputs or {}, own_inputs, stages)
     except WorkflowError as exc:  # nothing was sent; say why in one line, no traceback
         logger.error("%s", exc)
         return Failed(data=exc, message=str(exc))
+    if shard_size and not shard and len(texts) > shard_size:
+        from .shards import run_sharded
+
+        return run_sharded(arguments, count=len(texts), logger=logger)
     if video_template is not None:
         specs = plan_image_to_video(texts, image_variants, variants, SeedMode(seed_mode), base_seed,
                                     image_uses_seed=template.binds("seed"), video_uses_seed=video_template.binds("seed"),
                                     run_key=runtime.flow_run.id, image_inputs=images["image"],
-                                    video_inputs=images["video"])
+                                    video_inputs=images["video"], index_offset=index_offset)
     else:
         specs = plan_generations(texts, variants, SeedMode(seed_mode), base_seed, uses_seed=template.binds("seed"),
                                  run_key=runtime.flow_run.id, inputs=images["image"],
-                                 stage="video" if kind == "video" else "image")
+                                 stage="video" if kind == "video" else "image", index_offset=index_offset)
     if runtime.deployment.id and not Path(output_dir).expanduser().is_absolute():
         logger.warning("output_dir %r is relative to this run's working directory %s: a process "
                        "worker deletes that directory when the run ends. Give an absolute path "
@@ -496,6 +563,7 @@ def generate_content(
         character=character,
         output_dir=str(Path(output_dir).expanduser().absolute()),  # absolute in results and report
         descriptions=len(texts),
+        first_index=index_offset,
         variants=variants,
         image_variants=image_variants if video_template is not None else 1,
         upload_subfolder=f"comfy-pipeline/{runtime.flow_run.id or uuid.uuid4()}",
@@ -565,7 +633,7 @@ def generate_content(
             # as a rerun whose prompt ids were never posted (it follows the earlier prompt if the
             # server still has it).
             stale = [s for s in specs if isinstance(outcomes.get(s.position), GenerationResult)
-                     and not all(Path(f.path).is_file() for f in outcomes[s.position].files)]
+                     and not _files_exist(outcomes[s.position])]
             if stale:
                 logger.warning("%d completed generation(s) lost files on disk; running them again", len(stale))
                 for stage, stage_workflow in stages.items():

@@ -162,7 +162,7 @@ def _image_tables(group: Sequence[tuple[GenerationSpec, Mapping[str, Any]]]) -> 
             label = f"{spec.stage} {spec.variant + 1}"
             others.append((label, label, spec, row))
         else:
-            label = f"video {len(table)}"
+            label = f"video {spec.variant + 1}"  # numbered within the description, as in the table and files
             table.append((label, f"{table[0][0]}, {label}", spec, row))
     return list(tables.values()) + ([others] if others else [])
 

@@ -126,8 +126,10 @@ class _ProgressLog:
         self.spec = spec
         self.settings = settings
         self.prefix = (
-            f"[{spec.position}/{spec.total}] description {spec.index + 1}/{settings.descriptions}, "
-            f"{variant_label(spec, settings)}"
+            f"[{spec.position}/{spec.total}] description {spec.index + 1}"
+            + (f" (shard {settings.first_index + 1}-{settings.first_index + settings.descriptions})"
+               if settings.first_index else f"/{settings.descriptions}")
+            + f", {variant_label(spec, settings)}"
         )
         self.started = time.monotonic()
         self.last_pct: dict[str | None, int] = {}
@@ -480,14 +482,15 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
     finished_key = f"{spec.prompt_id}/{rerun}"
     known = connection.finished_outputs(finished_key)
     if known is not None:  # an earlier attempt's prompt finished; only its downloads failed
-        outcome, refs, server = known
+        outcome, refs, server, earlier_bound = known
+        bound.update(earlier_bound)
         logger.info("%s: prompt %s already finished on %s; downloading its files again", progress.prefix,
                     outcome.prompt_id, server.url)
     else:
         outcome, refs, server = _run_or_reattach(connection, prompt, spec, settings, progress, rerun)
         # Kept until the files are saved: a task retry downloads them again instead of asking the
         # server's /history about the prompt (a restart wipes it; the files stay).
-        connection.remember_finished(finished_key, (outcome, refs, server))
+        connection.remember_finished(finished_key, (outcome, refs, server, dict(bound)))
     # A later attempt may find files an earlier one saved (then failed, or its result was lost):
     # one with the same bytes at a planned name is kept, not written again under the next name.
     # The first attempt never reuses: a file there is another run's, and each run keeps its own.

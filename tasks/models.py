@@ -51,6 +51,8 @@ class GenerationSettings(BaseModel):
     character: str
     output_dir: str
     descriptions: int = Field(description="How many descriptions the run has.")
+    first_index: int = Field(default=0, description="Index of the run's first description (a shard of a bigger "
+                                                    "run starts past 0).")
     variants: int = Field(default=1, description="Generations per description (image_to_video: videos per image).")
     image_variants: int = Field(default=1, description="Images per description in an image_to_video run.")
     params: dict[str, Any] = Field(default_factory=dict)

@@ -309,6 +309,11 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
     for status in ("skipped", "interrupted", "cancelled", "not run"):
         if by_status.get(status):
             headline += f", {by_status[status]} {status}"
+    if any("stage" in row for row in rows):  # image-to-video: what succeeded of each stage
+        good = [r for r in rows if r["status"] in ("completed", "cached", "reused")]
+        headline += (f" (images: {sum(r['stage'] == 'image' for r in good)} of "
+                     f"{sum(r['stage'] == 'image' for r in rows)}, videos: "
+                     f"{sum(r['stage'] == 'video' for r in good)} of {sum(r['stage'] == 'video' for r in rows)})")
     lines = [f"# {facts.character}: {kind_text(facts.kind)} generations", ""]
     if facts.stopped:
         lines += [f"**The run was stopped: {facts.stopped}.** Prompts still queued or running were "
@@ -486,4 +491,4 @@ class ProgressReport:
     def advance(self) -> None:
         """One more generation finished (whatever its outcome)."""
         self.done += 1
-        update_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
+        update_progress_artifact(self.artifact_id, progress=min(100.0, 100.0 * self.done / self.total))

@@ -826,6 +826,8 @@ class StandInComfyUI:
     * ``history_delay_s``: the history entry appears this long after the final lifecycle message.
     * ``require_token``: when set, every HTTP route and the WS upgrade need
       ``Authorization: Bearer <token>`` (401 otherwise).
+    * ``max_upload_bytes`` (constructor only, default 100 MB): a larger request body, an upload
+      included, is answered 413, as ComfyUI does past its ``--max-upload-size``.
     * ``checkpoints`` / ``input_images`` / ``input_audio``: the combo values CheckpointLoaderSimple,
       LoadImage and LoadAudio accept (``POST /upload/image`` adds to ``input_images``).
     * ``hidden_node_classes`` (set of class names, default empty): left out of ``/object_info`` and
@@ -859,8 +861,11 @@ class StandInComfyUI:
         preview_frames: bool = True,
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
+        max_upload_bytes: int = MAX_UPLOAD_SIZE,
     ):
         self.execution_time_s = execution_time_s
+        #: the largest request body (bytes) the server reads, an upload included: more is a 413
+        self.max_upload_bytes = max_upload_bytes
         self.ssl_context = ssl_context  # https/wss when set (see the module docstring)
         self.progress_steps = progress_steps
         self.history_delay_s = history_delay_s
@@ -1015,7 +1020,7 @@ class StandInComfyUI:
     async def _setup(self) -> None:
         self._wake = asyncio.Event()
         self._interrupt_event = asyncio.Event()
-        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_UPLOAD_SIZE)
+        app = web.Application(middlewares=[self._middleware], client_max_size=self.max_upload_bytes)
         r = app.router
         r.add_get("/ws", self._h_ws)
         r.add_get("/system_stats", self._h_system_stats)
@@ -1737,6 +1742,8 @@ class StandInComfyUI:
         """
         try:
             form = await request.post()
+        except web.HTTPRequestEntityTooLarge:
+            raise  # 413, as ComfyUI (aiohttp's client_max_size = its max upload size) answers
         except Exception:
             return web.Response(status=500, text=ERROR_500_TEXT), None
         image = form.get("image")

@@ -27,9 +27,10 @@ def test_parameter_schema_gives_a_form_with_types():
     schema = generate_content.parameters.model_dump()
     props = schema["properties"]
     assert schema["required"] == ["server", "workflow", "descriptions"]
-    # a list (text or rows), or the path / URL of a file the worker reads (big runs)
-    assert [c.get("type") for c in props["descriptions"]["anyOf"]] == ["array", "string"]
-    assert [c["title"] for c in props["descriptions"]["anyOf"]] == ["List", "Descriptions file (path or URL)"]
+    # texts (a text box each), rows with input images, or the path / URL of a file the worker reads
+    choices = props["descriptions"]["anyOf"]
+    assert [c["title"] for c in choices] == ["Texts", "Rows with input images", "Descriptions file (path or URL)"]
+    assert choices[0]["items"] == {"type": "string"} and choices[2]["type"] == "string"
     assert props["variants"]["type"] == "integer" and props["variants"]["minimum"] == 1
     assert props["kind"]["enum"] == ["image", "video", "image_to_video"]
     # image-to-video: the video workflow is a second workflow choice; rows carry their own images

@@ -37,7 +37,7 @@ def load_image_values(comfy: StandInComfyUI) -> dict[str, str]:
 
 
 def test_each_video_starts_from_its_own_descriptions_image_by_output_annotation(comfy, tmp_path):
-    comfy.execution_time_s = 0.3
+    comfy.execution_time_s = 0.8  # longer than finishing a task takes on a loaded machine
     state = image_to_video(ComfyUIServer(url=comfy.url, max_in_flight=8), tmp_path,
                            ["a red fox", "a blue bird", "a green frog"], variants=2)
     assert state.is_completed(), state.message
@@ -164,3 +164,38 @@ def test_with_two_images_per_description_each_image_gets_its_own_videos(comfy, t
     # videos 0-1 come from image 0, videos 2-3 from image 1; every file name is distinct
     assert sorted((v.variant, by_position[v.source].variant) for v in videos) == [(0, 0), (1, 0), (2, 1), (3, 1)]
     assert len({f.path for r in results for f in r.files}) == 6
+
+
+def test_videos_never_go_ahead_of_another_clients_queued_prompts(comfy, tmp_path):
+    """``"front": true`` puts a video before this run's own queued images only: on a shared server
+    another client's prompts, queued earlier, still run first."""
+    import json
+    import threading
+    import time
+
+    import requests
+
+    comfy.execution_time_s = 0.3
+    theirs = json.loads(Path(SMOKE_IMAGE).read_text())
+    theirs.pop("comfy_pipeline")
+    theirs["9"] = {"class_type": "PrimitiveString", "inputs": {"value": "someone else's prompt"}}
+
+    def another_client():
+        while not comfy.executions:  # our image runs: another client queues two prompts
+            time.sleep(0.01)
+        for _ in range(2):
+            requests.post(f"{comfy.url}/prompt", json={"prompt": theirs, "client_id": "someone-else"},
+                          timeout=10).raise_for_status()
+
+    thread = threading.Thread(target=another_client)
+    thread.start()
+    state = image_to_video(ComfyUIServer(url=comfy.url, max_in_flight=2), tmp_path, ["a red fox"], variants=1)
+    thread.join()
+    assert state.is_completed(), state.message
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (len(comfy.executions) == 4
+                                               and all(e["ended"] for e in comfy.executions)):
+        time.sleep(0.05)
+    order = ["theirs" if "someone else's prompt" in e["strings"] else "ours"
+             for e in sorted(comfy.executions, key=lambda e: e["started"])]
+    assert order == ["ours", "theirs", "theirs", "ours"]

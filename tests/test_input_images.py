@@ -202,3 +202,33 @@ def test_read_input_image_refuses_what_loadimage_cannot_read(tmp_path):
     jpeg = tmp_path / "photo.jpg"
     jpeg.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 20)
     assert read_input_image("ref", jpeg).content_type == "image/jpeg"
+
+
+def test_a_file_larger_than_the_server_accepts_is_one_upload_and_one_clear_error(tmp_path):
+    ref = png(tmp_path / "ref.png", size=(64, 64))
+    with StandInComfyUI(max_upload_bytes=200) as comfy:  # every upload is too large for it
+        state = run(ComfyUIServer(url=comfy.url, max_in_flight=2), tmp_path, ["a", "b", "c"],
+                    inputs={"image": str(ref)}, retries=1)
+        assert state.is_failed()
+        assert comfy.requests[("POST", "/upload/image")] == 1  # a 413 is not retried, nor sent again
+        assert comfy.requests[("POST", "/prompt")] == 0
+    logs_say = state.message
+    assert "3 of 3 generations failed" in logs_say
+
+
+def test_a_path_the_system_cannot_look_up_is_one_clear_error(tmp_path):
+    with pytest.raises(InputImageError, match="cannot be read"):
+        read_input_image("ref", tmp_path / ("x" * 300 + ".png"))  # a name longer than the file system allows
+
+
+def test_descriptions_keep_unusual_characters_and_refuse_broken_csv(tmp_path):
+    text = tmp_path / "shots.txt"
+    text.write_text("a fox\x85with a hat\u2028and a scarf\r\nsecond\n", encoding="utf-8")
+    assert read_descriptions_file(text) == ["a fox\x85with a hat\u2028and a scarf", "second"]
+    broken = tmp_path / "broken.csv"
+    broken.write_text('description,image\n"a fox,x.png\nsecond,y.png\n')
+    with pytest.raises(ValueError, match="not valid CSV"):
+        read_descriptions_file(broken)
+    long_cell = tmp_path / "long.csv"
+    long_cell.write_text('description\n"' + "z" * 200_000 + '"\n')
+    assert len(read_descriptions_file(long_cell)[0].description) == 200_000

@@ -127,7 +127,8 @@ def _summary(specs=SPECS, outcomes=OUTCOMES, files_written=3, **facts) -> str:
 def test_the_summary_counts_skipped_videos_and_names_what_failed():
     summary = _summary()
     assert summary.startswith("# alice: image-to-video generations\n")
-    assert "\n**3 of 6 generations succeeded**, 1 failed, 2 skipped.\n" in summary
+    assert ("\n**3 of 6 generations succeeded**, 1 failed, 2 skipped (images: 1 of 2, videos: 2 of 4).\n"
+            in summary)
     assert "| failed | 1 |\n| skipped (their image failed) | 2 |\n" in summary
     (failure,) = [line for line in summary.splitlines() if line.startswith("- ")]
     assert failure == ("- description 2, image 1 (prompt_id `img-1-0`): NodeExecutionError: ComfyUI node 7 "
@@ -158,7 +159,7 @@ def test_throughput_and_busy_time_count_both_stages():
 
 def test_a_run_without_skipped_videos_says_none_were_skipped_and_one_stage_runs_say_nothing():
     clean = _summary(outcomes=_outcomes(SPECS, failed_images=set()))
-    assert "\n**6 of 6 generations succeeded**, 0 failed.\n" in clean
+    assert "\n**6 of 6 generations succeeded**, 0 failed (images: 2 of 2, videos: 4 of 4).\n" in clean
     assert "| skipped (their image failed) | 0 |" in clean and "## Failures" not in clean
     specs = [s for s in SPECS if s.stage == "image"]
     one_stage = summary_markdown(table_rows(specs, OUTCOMES), _facts(kind="image"), 1)
@@ -226,7 +227,8 @@ def test_each_image_gets_its_own_table_and_its_videos_continue_past_the_columns(
     tables = _tables(_gallery(specs, _outcomes(specs, failed_images=set())))
     assert [headers for headers, _ in tables] == [
         ["image 1", "video 1", "video 2", "video 3"], ["video 4", "video 5"],
-        ["image 2", "video 1", "video 2", "video 3"], ["video 4", "video 5"],
+        # videos are numbered within the description, as in the table, the terminal and the file names
+        ["image 2", "video 6", "video 7", "video 8"], ["video 9", "video 10"],
     ]
     # each cell is the generation its header names: image 2's videos are the description's videos 6 to 10
     files = [re.search(r"filename=([^&]+)", cell).group(1) for _, cells in tables for cell in cells]
