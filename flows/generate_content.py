@@ -321,6 +321,7 @@ class _Generations:
                 self.reused.add(position)
         if self.counting and self.progress is not None:
             self.progress.advance()
+        self.futures.pop(position, None)  # recorded: its state and result are not kept twice
 
 
 def _files_exist(result: GenerationResult) -> bool:
@@ -662,6 +663,10 @@ def generate_content(
             not_run = sum(isinstance(o, Stopped) and o.status == "not run" for o in outcomes.values())
             if connection.no_new_prompts and not_run:
                 facts.notes.append(f"{not_run} generation(s) were not run: {connection.no_new_prompts}.")
+            try:
+                progress.flush()
+            except Exception as exc:  # the report must still be written
+                logger.debug("could not update the progress artifact: %s", exc)
             _write_report(logger, specs, outcomes, facts, began, generations.reused)
 
     results = [o for o in (outcomes.get(s.position) for s in specs) if isinstance(o, GenerationResult)]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -477,11 +478,16 @@ def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], fact
 
 
 class ProgressReport:
-    """A progress artifact (0-100 %) updated as generations finish."""
+    """A progress artifact (0-100 %) updated as generations finish, at most once every
+    ``every_s`` seconds (each update is a call to the Prefect API, made by the flow's own thread:
+    one per generation cost a big run about a third of its pace), and always at 100 %."""
 
-    def __init__(self, character: str, kind: str, total: int):
+    def __init__(self, character: str, kind: str, total: int, *, every_s: float = 1.0):
         self.total = max(total, 1)
         self.done = 0
+        self.every_s = every_s
+        self._shown = 0  # generations the artifact shows
+        self._last = time.monotonic()
         self.artifact_id: UUID = create_progress_artifact(
             progress=0.0,
             key=artifact_key(character, kind, "progress"),
@@ -491,4 +497,12 @@ class ProgressReport:
     def advance(self) -> None:
         """One more generation finished (whatever its outcome)."""
         self.done += 1
+        if self.done >= self.total or time.monotonic() - self._last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Show what is done now, if the artifact shows less."""
+        if self._shown == self.done:
+            return
+        self._shown, self._last = self.done, time.monotonic()
         update_progress_artifact(self.artifact_id, progress=min(100.0, 100.0 * self.done / self.total))
