@@ -15,6 +15,13 @@ generations of a later stage before those of an earlier one (``priority``: an im
 run's videos before its remaining images, so that each video follows its image instead of
 waiting for every image). A generation may ``prefer`` a server (the one that made its input
 image, which then needs no upload): it takes that server's slot when one is free there.
+
+Slots shared with other flow runs (``blocks/limits.py``): each server also has a Prefect global
+concurrency limit, and a prompt holds one of its slots from before its POST until its outputs are
+listed. A server whose limit is full (other runs' prompts) is passed over for the next best one;
+when every server is full the generation waits, woken by this run's own give-backs and looking
+again every ``RECHECK_S`` for other runs'. Off for a server with ``share_slots=False``; without a
+Prefect API that can share slots, per-run slots only (one warning).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from collections import Counter
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from .connection import ComfyUIConnection, PromptOutcome, PromptStatus
+from .limits import Lease, SharedSlots, limit_name
 from .errors import (ComfyUIError, ConnectionLost, GenerationCancelled, GenerationSkipped, PromptMoved,
                      ServerError, ServerUnreachable)
 from .protocol import OutputRef
@@ -37,6 +45,8 @@ module_logger = logging.getLogger("comfy_pipeline.pool")
 Logger = Union[logging.Logger, logging.LoggerAdapter]
 #: A prompt, or what makes it for the server that will run it (its input images named there).
 PromptFor = Union[Mapping[str, Any], Callable[[ComfyUIConnection], Mapping[str, Any]]]
+#: Seconds before a server whose global limit was full is asked again (other runs give back slots).
+RECHECK_S = 0.3
 
 
 def moved_prompt_id(prompt_id: str) -> str:
@@ -52,6 +62,9 @@ class ConnectionPool:
         slot_condition: the condition their in-flight slots are guarded by.
         unreachable: ``{url: reason}`` of servers that could not be opened.
         logger: where the pool's warnings go (the flow's Prefect run logger).
+        shared: the servers' global concurrency limits (closed with the pool), or None.
+        limit_names: ``{connection: its limit's name in shared}``; a connection not named takes
+            no shared slot.
     """
 
     #: Every pool of this process not yet garbage collected, for :meth:`close_all`.
@@ -59,8 +72,16 @@ class ConnectionPool:
     _every_pool_lock = threading.Lock()
 
     def __init__(self, connections: Sequence[ComfyUIConnection], slot_condition: threading.Condition,
-                 unreachable: Optional[Mapping[str, str]] = None, *, logger: Optional[Logger] = None):
+                 unreachable: Optional[Mapping[str, str]] = None, *, logger: Optional[Logger] = None,
+                 shared: Optional[SharedSlots] = None,
+                 limit_names: Optional[Mapping[ComfyUIConnection, str]] = None):
         self.connections = list(connections)
+        #: the global concurrency limits whose slots the prompts hold (None: per-run slots only)
+        self.shared = shared
+        self._limit_of = dict(limit_names or {}) if shared is not None else {}
+        self._full_until: dict[str, float] = {}  # limit name -> monotonic time to ask again
+        if shared is not None:
+            shared.on_given_back = self._given_back
         self.unreachable = dict(unreachable or {})
         self._cond = slot_condition
         self._assigned: Counter = Counter()
@@ -84,11 +105,13 @@ class ConnectionPool:
 
     @classmethod
     def open(cls, server: Union[ComfyUIServer, ComfyUIServerPool, Iterable[ComfyUIServer]], *,
-             logger: Optional[Logger] = None) -> "ConnectionPool":
+             logger: Optional[Logger] = None, share_slots: bool = True) -> "ConnectionPool":
         """Connect to every server; servers that fail are logged and left out.
 
         ``logger`` receives every warning of the pool and its connections, from any thread
-        (pass Prefect's run logger so they reach the flow run's logs).
+        (pass Prefect's run logger so they reach the flow run's logs). ``share_slots``: take a
+        slot of each server's Prefect global concurrency limit for every prompt (servers with
+        ``share_slots=False`` never do); see ``blocks/limits.py``.
 
         Raises:
             the first server's error (``ServerUnreachable``, ``AuthenticationFailed``) when no
@@ -102,10 +125,12 @@ class ConnectionPool:
             servers = list(server)
         log = logger or module_logger
         cond = threading.Condition()
-        connections, unreachable, first_error = [], {}, None
+        connections, unreachable, first_error, names = [], {}, None, {}
         for block in servers:
             try:
                 connections.append(block.connect(slot_condition=cond, logger=log))
+                if share_slots and getattr(block, "share_slots", True):
+                    names[connections[-1]] = (limit_name(block), block.max_in_flight)
             except ComfyUIError as exc:
                 first_error = first_error or exc
                 unreachable[block.url] = str(exc)
@@ -114,7 +139,17 @@ class ConnectionPool:
         if not connections:
             assert first_error is not None
             raise first_error
-        return cls(connections, cond, unreachable, logger=log)
+        try:
+            sizes: dict[str, int] = {}
+            for name, slots in names.values():
+                sizes.setdefault(name, slots)  # one server named twice: one limit
+            shared = SharedSlots.open(sizes, logger=log) if sizes else None
+        except BaseException:
+            for connection in connections:
+                connection.close()
+            raise
+        return cls(connections, cond, unreachable, logger=log, shared=shared,
+                   limit_names={c: name for c, (name, _) in names.items()})
 
     def __enter__(self) -> "ConnectionPool":
         return self
@@ -141,6 +176,8 @@ class ConnectionPool:
             self._cond.notify_all()
         for connection in self.connections:
             connection.close()
+        if self.shared is not None:
+            self.shared.close()  # gives back the slots of prompts that were still in flight
         with self._cond:
             self._cond.notify_all()
 
@@ -217,8 +254,10 @@ class ConnectionPool:
         return [c.url for c in self.connections]
 
     def checkout(self, *, exclude: Optional[ComfyUIConnection] = None, priority: int = 0,
-                 prefer: Optional[str] = None) -> ComfyUIConnection:
-        """Take a slot for a new prompt (see :meth:`_checkout`).
+                 prefer: Optional[str] = None) -> tuple[ComfyUIConnection, Optional[Lease]]:
+        """Take a slot for a new prompt (see :meth:`_checkout`): ``(connection, lease)``; the
+        connection's slot is given back when its prompt finishes, the lease (a slot of the
+        server's global limit, or None) with :meth:`give_back`.
 
         A prompt moving away from ``exclude`` (unreachable) gets the next free slot before any
         new prompt; among new prompts, a higher ``priority`` goes first. ``prefer``: the URL of
@@ -245,8 +284,9 @@ class ConnectionPool:
         return not self._moving and not any(n > 0 for p, n in self._waiting.items() if p > priority)
 
     def _checkout(self, exclude: Optional[ComfyUIConnection], priority: int = 0,
-                  prefer: Optional[str] = None) -> ComfyUIConnection:
-        """Wait for a free in-flight slot on a server whose WebSocket is up; take it on the best one.
+                  prefer: Optional[str] = None) -> tuple[ComfyUIConnection, Optional[Lease]]:
+        """Wait for a free in-flight slot on a server whose WebSocket is up; take it on the best one,
+        with a slot of its global limit (a server whose limit is full is passed over).
 
         While no server of the pool is connected (a restart, a proxy), it waits for one to come
         back, up to the longest ``reconnect_timeout_s`` of the pool. ``exclude``: a server not
@@ -269,20 +309,78 @@ class ConnectionPool:
                 if not live:
                     raise ConnectionLost(", ".join(self.urls), "no server of the pool is usable any more")
                 connected = [c for c in live if c.connected]
-                free = [c for c in connected if c.free_slots > 0] if self._first_in_line(exclude, priority) else []
+                now = time.monotonic()
+                free = ([c for c in connected if c.free_slots > 0 and not self._limit_full(c, now)]
+                        if self._first_in_line(exclude, priority) else [])
                 if free:
                     best = max(free, key=lambda c: (c.url == prefer, c.free_slots,
                                                     -(c.stats.last_queue_remaining or 0),
                                                     -self._assigned[c.url]))
                     if best.reserve_slot(block=False):  # under the shared condition: it cannot be full
+                        taken, lease = self._take_shared(best)
+                        if not taken:
+                            continue  # its limit is full: the next best server
                         self._assigned[best.url] += 1
-                        return best
-                if connected:  # busy, not away: a slot given back wakes us
+                        return best, lease
+                if connected:  # busy, not away: a slot given back wakes us (other runs': RECHECK_S)
                     gave_up_at = None
-                    self._cond.wait()
+                    marks = [t for t in self._full_until.values() if t > now]
+                    self._cond.wait(min(marks) - now if marks else None)
                     continue
                 # Every server is away: wait for one to answer again rather than POST into it.
                 gave_up_at = self._wait_while_away(live, gave_up_at)
+
+    def _limit_full(self, connection: ComfyUIConnection, now: float) -> bool:
+        """Is ``connection``'s global limit known to be full: found full less than ``RECHECK_S``
+        ago, or all its slots (as last seen) held by this run, which wakes us when it gives one back?"""
+        name = self._limit_of.get(connection)
+        if name is None or self.shared is None:
+            return False
+        size = self.shared.size(name)
+        return self._full_until.get(name, 0.0) > now or (size is not None and self.shared.held(name) >= size)
+
+    def _take_shared(self, connection: ComfyUIConnection) -> tuple[bool, Optional[Lease]]:
+        """With the condition held once (see :meth:`_checkout`) and ``connection``'s slot reserved:
+        take a slot of its global limit, letting the condition go during the API call.
+        ``(False, None)``: the limit is full, the reserved slot was given back and the limit is
+        not asked again for ``RECHECK_S``; else ``(True, lease or None)``."""
+        name = self._limit_of.get(connection)
+        if name is None or self.shared is None:
+            return True, None
+        self._cond.release()  # held once: checkout() takes it apart from _checkout()
+        try:
+            lease = self.shared.try_take(name)
+        except BaseException:  # never for the API's failures: an interrupt of this thread
+            self._cond.acquire()
+            connection.give_back_slot()
+            raise
+        self._cond.acquire()
+        if lease is None:
+            self._full_until[name] = time.monotonic() + RECHECK_S
+            connection.give_back_slot()
+            return False, None
+        if not connection.connected and not self._closed.is_set():  # it went away during the call
+            connection.give_back_slot()
+            self._cond.release()
+            try:
+                self.shared.give_back(lease)
+            finally:
+                self._cond.acquire()
+            return False, None
+        return True, lease
+
+    def give_back(self, lease: Optional[Lease]) -> None:
+        """Give back a slot of a global limit taken by :meth:`checkout` (None: nothing to do),
+        without waiting for the API: once it has the slot back, the generations waiting for
+        one are woken (:meth:`_given_back`). Never raises."""
+        if lease is not None and self.shared is not None:
+            self.shared.give_back(lease)
+
+    def _given_back(self, name: str) -> None:
+        """A slot of limit ``name`` is back (called by the lease thread): look at it again now."""
+        with self._cond:
+            self._full_until.pop(name, None)
+            self._cond.notify_all()
 
     def _wait_while_away(self, live: list[ComfyUIConnection], gave_up_at: Optional[float]) -> float:
         """Every server of ``live`` is away: wait on the condition (held) until something changes,
@@ -386,6 +484,11 @@ class ConnectionPool:
         has a free slot is run again there under a new ``prompt_id`` (uuid5 of the old one); the
         outcome's ``moved_from`` names the server it left.
 
+        The prompt holds a slot of its server's global limit (``blocks/limits.py``) from before
+        its POST until this returns or raises; a moved prompt gives it back and takes one on its
+        new server. Followed with ``on`` (already on that server): a slot is taken if one is free,
+        and the prompt is followed either way.
+
         Returns:
             ``(outcome, refs, connection)``; download the refs from ``connection``.
 
@@ -393,31 +496,44 @@ class ConnectionPool:
             everything :meth:`ComfyUIConnection.run_prompt` raises, and what ``prompt`` raises
             (an upload that failed: the slot is given back, nothing was posted).
         """
+        lease: Optional[Lease] = None
         if on is not None:
             on.reserve_slot()
             connection = on
+            name = self._limit_of.get(on)
+            if name is not None and self.shared is not None:
+                try:
+                    lease = self.shared.try_take(name)  # counted if it can be; followed anyway
+                except BaseException:
+                    on.give_back_slot()
+                    raise
         else:
-            connection = self.checkout(priority=priority, prefer=prefer)
+            connection, lease = self.checkout(priority=priority, prefer=prefer)
         moved_from: Optional[str] = None
-        while True:
-            try:
-                body = prompt(connection) if callable(prompt) else prompt
-            except BaseException:
-                connection.give_back_slot()
-                raise
-            try:
-                outcome, refs = connection.run_prompt(body, prompt_id=prompt_id, attach=attach, reserved=True,
-                                                      **options)
-            except PromptMoved as moved:
-                target = self.checkout(exclude=connection)
-                new_id = moved_prompt_id(prompt_id)
-                self._log.warning("prompt %s moves from %s (%s) to %s as prompt %s", prompt_id, connection.url,
-                                  moved.reason, target.url, new_id)
-                moved_from = moved_from or connection.url
-                connection, prompt_id, attach = target, new_id, False
-                continue
-            outcome.moved_from = moved_from
-            return outcome, refs, connection
+        try:
+            while True:
+                try:
+                    body = prompt(connection) if callable(prompt) else prompt
+                except BaseException:
+                    connection.give_back_slot()
+                    raise
+                try:
+                    outcome, refs = connection.run_prompt(body, prompt_id=prompt_id, attach=attach, reserved=True,
+                                                          **options)
+                except PromptMoved as moved:
+                    self.give_back(lease)  # before waiting for a slot elsewhere: it may be this server's again
+                    lease = None
+                    target, lease = self.checkout(exclude=connection)
+                    new_id = moved_prompt_id(prompt_id)
+                    self._log.warning("prompt %s moves from %s (%s) to %s as prompt %s", prompt_id, connection.url,
+                                      moved.reason, target.url, new_id)
+                    moved_from = moved_from or connection.url
+                    connection, prompt_id, attach = target, new_id, False
+                    continue
+                outcome.moved_from = moved_from
+                return outcome, refs, connection
+        finally:
+            self.give_back(lease)
 
     def remember_finished(self, key: str, finished: tuple) -> None:
         """Keep a finished prompt's ``(outcome, refs, connection)`` under ``key`` (one generation)

@@ -104,6 +104,13 @@ class ComfyUIServer(Block):
         le=64,
         description="Prompts in flight on this server at once (2: one running, the next already queued).",
     )
+    share_slots: bool = Field(
+        default=True,
+        description="Share this server's slots with every other flow run through a Prefect global "
+                    "concurrency limit named comfyui-<block name> (created with max_in_flight slots; "
+                    "change it on the Concurrency page of the Prefect UI). Off: each flow run may "
+                    "send max_in_flight prompts of its own.",
+    )
     reconnect_timeout_s: float = Field(
         default=120.0,
         gt=0,
