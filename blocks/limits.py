@@ -10,7 +10,8 @@ leases; a process that dies stops renewing, and the Prefect server's repossessor
 back once their leases end (``lease_s``, then up to the repossessor's loop, 15 s by default).
 
 Without a Prefect API that can do this, :meth:`SharedSlots.open` returns None after ONE warning
-and the pool keeps to per-run slots: ``PREFECT_API_URL`` unset (Prefect's temporary local API
+(an INFO line when ``PREFECT_API_URL`` is unset) and the pool keeps to per-run slots:
+``PREFECT_API_URL`` unset (Prefect's temporary local API
 runs no repossessor and forgets its leases when it stops, so a killed run's slots would stay
 taken for good), or the limit could not be read or created. An API that fails later (e.g. a
 server without leases answers 404, or it stays busy for ``BUSY_GIVE_UP_S``) turns sharing off for
@@ -122,8 +123,10 @@ class SharedSlots:
             return None
         why = "prompts count against this run's own max_in_flight only"
         if not PREFECT_API_URL.value():
-            log.warning("slots on %s are not shared with other flow runs: PREFECT_API_URL is not set (Prefect's "
-                        "temporary local API keeps no leases once it stops); %s", ", ".join(max_in_flight), why)
+            # INFO, not a warning: with Prefect's temporary API no other flow run could share them anyway
+            # (another process starts its own), and every first run from the README works this way.
+            log.info("slots on %s are not shared with other flow runs: PREFECT_API_URL is not set (Prefect's "
+                     "temporary local API keeps no leases once it stops); %s", ", ".join(max_in_flight), why)
             return None
         from prefect.client.orchestration import get_client
 

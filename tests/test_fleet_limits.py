@@ -379,12 +379,14 @@ def run_prompts(comfy, n: int, **settings):
     return results, handler.warnings(), pool
 
 
-def test_without_a_prefect_api_url_one_warning_and_per_run_slots(comfy):
+def test_without_a_prefect_api_url_no_warning_and_per_run_slots(comfy):
     comfy.execution_time_s = 0.1
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         results, warnings, pool = run_prompts(comfy, 5)
     assert len(results) == 5 and pool.shared is None
-    assert len(warnings) == 1 and "PREFECT_API_URL is not set" in warnings[0], warnings
+    # no warning (an INFO line): with Prefect's temporary API no other flow run could share the slots
+    # anyway, and the README's first runs all work this way
+    assert warnings == [], warnings
     assert comfy.max_in_flight == 2
 
 
