@@ -9,11 +9,11 @@ its POST until its outputs are listed (see ``blocks/pool.py``). One thread of a
 leases; a process that dies stops renewing, and the Prefect server's repossessor gives its slots
 back once their leases end (``lease_s``, then up to the repossessor's loop, 15 s by default).
 
-Without a Prefect API that can do this, :meth:`SharedSlots.open` returns None after ONE warning
-(an INFO line when ``PREFECT_API_URL`` is unset) and the pool keeps to per-run slots:
-``PREFECT_API_URL`` unset (Prefect's temporary local API
-runs no repossessor and forgets its leases when it stops, so a killed run's slots would stay
-taken for good), or the limit could not be read or created. An API that fails later (e.g. a
+Without a Prefect API that can do this, :meth:`SharedSlots.open` returns None after one message
+and the pool keeps to per-run slots: ``PREFECT_API_URL`` unset (an INFO line: Prefect's temporary
+local API runs no repossessor and forgets its leases when it stops, so a killed run's slots would
+stay taken for good, and no other run could share them anyway), or the limit could not be read or
+created (a warning). An API that fails later (e.g. a
 server without leases answers 404, or it stays busy for ``BUSY_GIVE_UP_S``) turns sharing off for
 the rest of the pool, with one warning.
 """
