@@ -90,7 +90,8 @@ class Counts:
 class Tally:
     """What became of each generation of one run, from its milestones (thread-safe).
 
-    Keyed by the plan's 1-based ``position``: a generation that failed and then succeeded (a
+    Keyed by each generation's description index, stage and variant (positions start again in each
+    shard of a sharded run): a generation that failed and then succeeded (a
     retried flow run, ``--flow-retries``) counts once, as done.
 
     Args:
@@ -109,7 +110,11 @@ class Tally:
     def apply(self, milestone: dict) -> bool:
         """Count one milestone (see ``tasks.generate.MILESTONE``); True if it finished a generation
         successfully (``done``)."""
-        event, position = milestone.get("event"), milestone.get("position")
+        event = milestone.get("event")
+        # which generation: positions start again at 1 in each shard of a sharded run, the
+        # description's index and the variant (of its stage) do not
+        position = (milestone.get("index", 0), str(milestone.get("label") or "variant").split(" ", 1)[0],
+                    milestone.get("variant", 0))
         with self._lock:
             if event == "started":
                 self._running.add(position)

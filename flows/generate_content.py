@@ -581,7 +581,7 @@ def generate_content(
     )
     facts = RunFacts(character=character, kind=kind, server_url=server.url,
                      output_dir=settings.output_dir, wall_s=0.0,
-                     attempt=flow_attempt(), views=server_views(server))
+                     attempt=flow_attempt(), views=server_views(server), shard=shard)
     outcomes: dict[int, Outcome] = {}
     progress = ProgressReport(character, kind, len(specs))
     if video_template is not None:

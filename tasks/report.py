@@ -267,6 +267,8 @@ class RunFacts:
     #: (``index`` and ``variant`` from 0, as in :class:`GenerationSpec`)
     moved: list[tuple[int, int, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: a shard of a bigger run (``"start:stop"``): its table keeps every row, for the parent's report
+    shard: str = ""
     #: ``{url: ServerView}``: how the report's readers reach each server (the gallery's links)
     views: dict[str, ServerView] = field(default_factory=dict)
 
@@ -443,7 +445,7 @@ def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], fact
                    if isinstance(o, GenerationResult) and o.moved_from]
     table_key = artifact_key(facts.character, facts.kind, "generations")
     errors = error_texts(specs, outcomes)
-    shown = table_shown(rows)
+    shown = rows if facts.shard else table_shown(rows)  # a parent sums a shard's rows: keep them all
     kind = kind_text(facts.kind)
     table_csv = table_csv_error = None
     if len(shown) < len(rows):

@@ -253,3 +253,21 @@ def test_help_lists_the_kinds_and_says_what_seed_minus_one_means():
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stdout).split())
     assert "image|video" in text
     assert "-1 means random" in text
+
+
+def test_the_count_goes_on_across_the_shards_of_a_sharded_run():
+    """Each shard's positions start again at 1; the display counts generations, not positions."""
+    from comfy_pipeline.flows.cli_display import Tally
+
+    tally = Tally(total=6)
+    for shard_start in (0, 2, 4):  # three shards of two descriptions, positions 1 and 2 in each
+        for number in range(2):
+            tally.apply({"event": "done", "position": number + 1, "index": shard_start + number, "variant": 0,
+                         "label": "variant 1/1", "description": "d", "files": [], "total_s": 0.1})
+    assert tally.counts().done == 6
+    # an image and a video of the same description and number are two generations
+    both = Tally(total=2)
+    for label in ("image 1/1", "video 1/2"):
+        both.apply({"event": "done", "position": 1, "index": 0, "variant": 0, "label": label, "description": "d",
+                    "files": [], "total_s": 0.1})
+    assert both.counts().done == 2
