@@ -39,7 +39,7 @@ from ..blocks.workflow import (ComfyUIWorkflow, SeedMode, choose_seed, require_d
                                require_start_image_binding)
 from ..tasks.gallery import server_views
 from ..tasks.generate import (flow_attempt, flow_attempts_prompt_ids, generate, milestone, one_line_failures,
-                              with_moved_copies, workflow_params)
+                              variant_label, with_moved_copies, workflow_params)
 from ..tasks.models import GenerationResult, GenerationSettings, GenerationSpec, Kind, Stage
 from ..tasks.report import Outcome, ProgressReport, RunFacts, Stopped, describe_error, write_report
 from .descriptions import DescriptionRow, is_reference, read_descriptions, texts_and_inputs
@@ -67,6 +67,32 @@ def with_max_in_flight(server, max_in_flight: int):
     return [s.model_copy(update={"max_in_flight": max_in_flight}) for s in servers]
 
 
+class _Plan:
+    """Specs in the making, with the seeds and prompt ids of one run key (see :func:`plan_generations`)."""
+
+    def __init__(self, seed_mode: SeedMode, base_seed: Optional[int], run_key: Optional[str], total: int,
+                 index_offset: int):
+        self.namespace = uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{run_key}") if run_key else None
+        self.rng = random.Random(run_key) if run_key else random.Random()
+        self.seed_mode, self.base_seed, self.total, self.index_offset = seed_mode, base_seed, total, index_offset
+        self.specs: list[GenerationSpec] = []
+
+    def add(self, number: int, variant: int, description: str, *, uses_seed: bool, of: int, stage: Stage,
+            inputs: Optional[Sequence[Mapping[str, InputImage]]], source: Optional[int] = None,
+            name_suffix: str = "") -> GenerationSpec:
+        """Append the spec of description ``number`` (of this plan), ``variant`` of ``of``."""
+        index = self.index_offset + number
+        seed = (choose_seed(self.seed_mode, base_seed=self.base_seed, index=index, variant=variant, variants=of,
+                            rng=self.rng) if uses_seed else None)
+        name = f"{index}/{variant}{name_suffix}"
+        spec = GenerationSpec(index=index, variant=variant, description=description, seed=seed,
+                              prompt_id=str(uuid.uuid5(self.namespace, name) if self.namespace else uuid.uuid4()),
+                              position=len(self.specs) + 1, total=self.total, stage=stage,
+                              inputs=dict(inputs[number]) if inputs else {}, source=source)
+        self.specs.append(spec)
+        return spec
+
+
 def plan_generations(
     descriptions: list[str],
     variants: int,
@@ -89,33 +115,11 @@ def plan_generations(
     ``index_offset``: the index of the first description (a shard of a bigger run: its file names,
     seeds and report keep the big run's numbering).
     """
-    namespace = uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{run_key}") if run_key else None
-    rng = random.Random(run_key) if run_key else random.Random()
-    total = len(descriptions) * variants
-    specs = []
+    plan = _Plan(seed_mode, base_seed, run_key, len(descriptions) * variants, index_offset)
     for number, description in enumerate(descriptions):
-        index = index_offset + number
         for variant in range(variants):
-            seed = (
-                choose_seed(seed_mode, base_seed=base_seed, index=index, variant=variant,
-                            variants=variants, rng=rng)
-                if uses_seed
-                else None
-            )
-            specs.append(
-                GenerationSpec(
-                    index=index,
-                    variant=variant,
-                    description=description,
-                    seed=seed,
-                    prompt_id=str(uuid.uuid5(namespace, f"{index}/{variant}") if namespace else uuid.uuid4()),
-                    position=len(specs) + 1,
-                    total=total,
-                    stage=stage,
-                    inputs=dict(inputs[number]) if inputs else {},
-                )
-            )
-    return specs
+            plan.add(number, variant, description, uses_seed=uses_seed, of=variants, stage=stage, inputs=inputs)
+    return plan.specs
 
 
 def plan_image_to_video(
@@ -140,32 +144,16 @@ def plan_image_to_video(
     ``inputs["image"]`` is set when the image exists. Seeds and prompt ids as
     :func:`plan_generations` makes them (a video's prompt id is named ``{index}/{variant}/video``).
     """
-    namespace = uuid.uuid5(uuid.NAMESPACE_URL, f"comfy-pipeline:{run_key}") if run_key else None
-    rng = random.Random(run_key) if run_key else random.Random()
-    total = len(descriptions) * image_variants * (1 + variants)
-    specs: list[GenerationSpec] = []
-
-    def add(number: int, variant: int, description: str, stage: Stage, uses_seed: bool, of: int,
-            inputs: Optional[Sequence[Mapping[str, InputImage]]], source: Optional[int]) -> GenerationSpec:
-        index = index_offset + number
-        seed = (choose_seed(seed_mode, base_seed=base_seed, index=index, variant=variant, variants=of, rng=rng)
-                if uses_seed else None)
-        name = f"{index}/{variant}" + ("/video" if stage == "video" else "")
-        spec = GenerationSpec(index=index, variant=variant, description=description, seed=seed,
-                              prompt_id=str(uuid.uuid5(namespace, name) if namespace else uuid.uuid4()),
-                              position=len(specs) + 1, total=total, stage=stage,
-                              inputs=dict(inputs[number]) if inputs else {}, source=source)
-        specs.append(spec)
-        return spec
-
+    plan = _Plan(seed_mode, base_seed, run_key, len(descriptions) * image_variants * (1 + variants), index_offset)
+    videos = image_variants * variants
     for number, description in enumerate(descriptions):
         for image_variant in range(image_variants):
-            image = add(number, image_variant, description, "image", image_uses_seed, image_variants,
-                        image_inputs, None)
+            image = plan.add(number, image_variant, description, uses_seed=image_uses_seed, of=image_variants,
+                             stage="image", inputs=image_inputs)
             for video in range(variants):
-                add(number, image_variant * variants + video, description, "video", video_uses_seed,
-                    image_variants * variants, video_inputs, image.position)
-    return specs
+                plan.add(number, image_variant * variants + video, description, uses_seed=video_uses_seed,
+                         of=videos, stage="video", inputs=video_inputs, source=image.position, name_suffix="/video")
+    return plan.specs
 
 
 def start_image(result: GenerationResult) -> InputImage:
@@ -199,8 +187,10 @@ class _Generations:
     20,000. In an image-to-video run, the videos of a finished image go before every waiting image.
     """
 
-    def __init__(self, outcomes: dict, progress: Optional[ProgressReport], window: int):
+    def __init__(self, outcomes: dict, progress: Optional[ProgressReport], window: int,
+                 settings: GenerationSettings):
         self.outcomes = outcomes
+        self.settings = settings
         self.progress = progress
         self.window = max(1, window)
         self.reused: set[int] = set()
@@ -291,10 +281,10 @@ class _Generations:
     def _skip(self, specs: list[GenerationSpec], reason: str, status: str = "skipped") -> None:
         for spec in specs:
             self.outcomes[spec.position] = Stopped(status, reason)
-            what = "video" if spec.stage == "video" and spec.source is not None else "variant"
-            get_run_logger().info("[%d/%d] description %d, %s %d: %s, %s", spec.position, spec.total,
-                                  spec.index + 1, what, spec.variant + 1, status, reason,
-                                  extra=milestone("skipped" if status == "skipped" else "cancelled", spec))
+            get_run_logger().info("[%d/%d] description %d, %s: %s, %s", spec.position, spec.total, spec.index + 1,
+                                  variant_label(spec, self.settings), status, reason,
+                                  extra=milestone("skipped" if status == "skipped" else "cancelled", spec,
+                                                  self.settings))
             if self.counting and self.progress is not None:
                 self.progress.advance()
 
@@ -621,7 +611,7 @@ def generate_content(
     logger.info("up to %d generation(s) in flight at once (%s)", window,
                 f"concurrency {concurrency}" if concurrency else
                 f"max_in_flight over {len(connection.connections)} server(s)")
-    generations = _Generations(outcomes, progress, window)
+    generations = _Generations(outcomes, progress, window, settings)
     # Until the report is written: the engine's late records of cancelled task runs too.
     with one_line_failures():
         try:

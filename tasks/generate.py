@@ -111,11 +111,11 @@ def variant_label(spec: GenerationSpec, settings: GenerationSettings) -> str:
 MILESTONE = "generation_milestone"
 
 
-def milestone(event: str, spec: GenerationSpec, settings: Optional[GenerationSettings] = None, **facts) -> dict:
+def milestone(event: str, spec: GenerationSpec, settings: GenerationSettings, **facts) -> dict:
     """The ``extra`` of a log call that marks milestone ``event`` of ``spec``'s generation (:data:`MILESTONE`)."""
-    label = variant_label(spec, settings) if settings is not None else f"variant {spec.variant + 1}"
     return {MILESTONE: {"event": event, "position": spec.position, "total": spec.total, "index": spec.index,
-                        "variant": spec.variant, "description": spec.description, "label": label, **facts}}
+                        "variant": spec.variant, "description": spec.description,
+                        "label": variant_label(spec, settings), **facts}}
 
 
 class _ProgressLog:
