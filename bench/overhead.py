@@ -9,8 +9,9 @@ Run from the repository root:
     python -m bench.overhead --only fixed,latency    # the fixed cost of a flow run only
 
 Every measurement runs in a child process of its own (so its peak RSS is that of one flow run
-and nothing else), calling ``generate_content`` directly (the flow's own defaults: 8 threads,
-``max_in_flight`` 2, 2 retries) against Prefect's temporary API (no ``PREFECT_API_URL``; a fresh
+and nothing else), calling ``generate_content`` directly as the CLI does (the flow's own defaults:
+``max_in_flight`` 2 and 3 generations in flight, 2 retries; no flow-run heartbeats, which the CLI
+turns off under the temporary API: ``--heartbeats`` keeps them) against Prefect's temporary API (no ``PREFECT_API_URL``; a fresh
 ``PREFECT_HOME`` per child, so a fresh SQLite database; the API is started by a 2-generation
 warm-up run that is not timed). A child that runs past ``--budget`` seconds is killed and the
 parent reports how far it got (files written, the child's peak RSS so far).
@@ -180,14 +181,24 @@ def recording_standin(t: float, latency: float):
 # ------------------------------------------------------------------------------------------ flow
 
 
+#: True when the measured runs keep Prefect's flow-run heartbeats (``--heartbeats``); by default
+#: they run as the CLI runs them under the temporary API: without (flows/cli_support.py).
+HEARTBEATS = False
+
+
 def run_flow(url: str, n: int, out: Path, character: str = "bench"):
-    """``generate_content`` over ``n`` descriptions on one server, with the flow's own defaults."""
+    """``generate_content`` over ``n`` descriptions on one server, with the flow's own defaults,
+    as the CLI calls it (no flow-run heartbeats under the temporary API) unless :data:`HEARTBEATS`."""
+    from contextlib import nullcontext
+
     from comfy_pipeline.blocks.server import ComfyUIServer
+    from comfy_pipeline.flows.cli_support import without_heartbeats_on_temporary_api
     from comfy_pipeline.flows.generate_content import generate_content
 
-    state = generate_content(server=ComfyUIServer(url=url), workflow=str(WORKFLOW),
-                             descriptions=[f"d{i}" for i in range(n)], character=character,
-                             output_dir=str(out), return_state=True)
+    with nullcontext() if HEARTBEATS else without_heartbeats_on_temporary_api():
+        state = generate_content(server=ComfyUIServer(url=url), workflow=str(WORKFLOW),
+                                 descriptions=[f"d{i}" for i in range(n)], character=character,
+                                 output_dir=str(out), return_state=True)
     if not state.is_completed():
         raise RuntimeError(f"flow run {state.name}: {state.message}")
     return state
@@ -656,6 +667,8 @@ def run_child(mode: str, args, extra: list[str], expected_files: int) -> dict:
     row = json.loads(rows[-1])
     if args.ablate:
         row["ablated"] = args.ablate
+    if args.heartbeats:
+        row["heartbeats"] = "kept (--heartbeats)"
     row["load_avg_start_end"] = f"{load_start} / {load_average()}"
     shutil.rmtree(tmp, ignore_errors=True)
     return row
@@ -711,12 +724,18 @@ def main() -> None:
                         help="comma-separated experiments that switch a cost off in the measured process: "
                              + "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()))
     parser.add_argument("--budget", type=float, default=300, help="seconds a mode may run before it is stopped (300)")
+    parser.add_argument("--heartbeats", action="store_true",
+                        help="keep Prefect's flow-run heartbeats, as when generate_content is called from "
+                             "Python without PREFECT_API_URL (the CLI turns them off then: up to 1 s at the "
+                             "end of every run)")
     parser.add_argument("--json", action="store_true", help="also print every row as one JSON line")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
+        global HEARTBEATS
+        HEARTBEATS = args.heartbeats
         if args.child == "fixed":
             args.request_latency = 0.0
         ablate(args.ablate.split(",") if args.ablate else [])
@@ -733,7 +752,7 @@ def main() -> None:
     if wrong:
         parser.error(f"unknown --ablate {wrong}: choose from {sorted(ABLATIONS)}")
     shared = ["--latency", str(args.latency), "--size", str(args.size), "--budget", str(args.budget),
-              "--ablate", ",".join(ablations)]
+              "--ablate", ",".join(ablations)] + (["--heartbeats"] if args.heartbeats else [])
     rows = []
     for mode in modes:
         if mode in ("rate", "profile", "memory"):

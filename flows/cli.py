@@ -41,6 +41,7 @@ from .cli_display import RunDisplay, print_end, quiet_prefect_console
 from .cli_signals import SignalOwner
 from .cli_support import CA_BUNDLE_HELP, INSECURE_HELP, fail, server_block, workflow_from_file
 from .cli_support import SEED_HELP, USAGE_ERRORS, Kind, check_output_dir, check_seed, seeds, usage_line
+from .cli_support import without_heartbeats_on_temporary_api
 from .descriptions import Description, DescriptionRow, as_one_kind, read_descriptions_file, texts_and_inputs
 
 app = typer.Typer(add_completion=False, help="Run ComfyUI generations as Prefect flows.")
@@ -128,8 +129,8 @@ def run(
     output_type: Optional[List[str]] = typer.Option(None, "--output-type",
                                                     help="/view type to download (default output; repeatable)."),
     concurrency: int = typer.Option(0, "--concurrency", min=0, max=256,
-                                    help="Generations in flight at once (threads); 0 (default): the sum of "
-                                         "--max-in-flight over the servers, every slot used."),
+                                    help="Generations in flight at once (threads); 0 (default): "
+                                         "--max-in-flight + 1 summed over the servers, every slot used."),
     shard_size: int = typer.Option(0, "--shard-size", min=0,
                                    help="Split a run of more descriptions than this into shards of this many, "
                                         "each its own flow run (here: one after the other); 0: never."),
@@ -193,7 +194,7 @@ def run(
             from .generate_content import generate_content
 
             flow = generate_content.with_options(retries=flow_retries, retry_delay_seconds=0)
-            with display:
+            with display, without_heartbeats_on_temporary_api():
                 # The workflows travel as paths (read by the flow on this machine), never inlined.
                 state = _call_flow(flow, block, str(Path(workflow).absolute()), passed, kind.flow_kind, character,
                                    variants, output_dir, seed_mode, base_seed, extra_params, output_type, retries,

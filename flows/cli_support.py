@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import nullcontext
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,21 @@ from ..blocks.workflow import (
 CA_BUNDLE_HELP = ("PEM file of the CA that signed the server's certificate (https with a private CA), "
                   "for HTTP and WebSocket alike.")
 INSECURE_HELP = "Do not verify the server's TLS certificate (https); prefer --ca-bundle."
+
+
+def without_heartbeats_on_temporary_api():
+    """A context in which a flow run sends no flow-run heartbeats when ``PREFECT_API_URL`` is not set.
+
+    Without it the flow runs against Prefect's temporary API, which stops with this process: no one
+    could ever read a heartbeat to find a crashed run, and the heartbeat thread costs every run up
+    to 1 s at its end (Prefect joins it, and it sleeps in 1 s steps; ``bench/overhead.py`` fixed,
+    latency). With a Prefect server (``PREFECT_API_URL``), flow runs keep
+    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` as set."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if PREFECT_API_URL.value():
+        return nullcontext()
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def fail(message: str, code: int) -> typer.Exit:

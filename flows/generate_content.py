@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Annotated, Any, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, Container, Mapping, Optional, Sequence, Union
 
 from prefect import flow, get_run_logger, runtime
 from prefect.exceptions import TerminationSignal
@@ -52,9 +52,15 @@ MAX_CONCURRENCY = 256
 
 def in_flight_window(concurrency: int, connection: ConnectionPool) -> int:
     """How many generations the run keeps in flight (each holds a thread while it waits): the
-    ``concurrency`` asked for, else (0) the sum of ``max_in_flight`` over the servers the run
-    uses; at most :data:`MAX_CONCURRENCY`."""
-    slots = sum(c.max_in_flight for c in connection.connections)
+    ``concurrency`` asked for, else (0) ``max_in_flight + 1`` summed over the servers the run
+    uses; at most :data:`MAX_CONCURRENCY`.
+
+    The one more per server is ready to take a slot the moment a prompt gives it back: a prompt
+    gives its slot back once its outputs are listed, and its generation then still downloads the
+    files and ends its task run. Without it, a server's next prompt waits for that (measured with
+    ``bench/overhead.py`` at T = 0 on one server: 45 generations per second with 2, 62 with 3); it
+    never puts more than ``max_in_flight`` of our prompts on a server, the slots do not allow it."""
+    slots = sum(c.max_in_flight + 1 for c in connection.connections)
     return max(1, min(concurrency or slots, MAX_CONCURRENCY))
 
 
@@ -341,17 +347,23 @@ def _cancel_requested() -> bool:
     return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
-def _mark_stopped(specs, outcomes: dict, connection: ConnectionPool, retries: int, reason: str) -> None:
+def _mark_stopped(specs, outcomes: dict, connection: ConnectionPool, retries: int, reason: str,
+                  started: Container[int]) -> None:
     """Generations without an outcome when the run stopped: ``interrupted`` if ComfyUI was
-    running one of their prompts (close() interrupted it), else ``cancelled``."""
+    running one of their prompts (close() interrupted it), else ``cancelled``. Only those whose
+    task ``started`` (positions) in this attempt can have had a prompt of this connection: the
+    prompt ids of the others are not worked out (a stopped run of 100,000 has 99,000 of them)."""
     interrupted = connection.interrupted_prompts
     attempt = flow_attempt()
     for spec in specs:
         if spec.position in outcomes:
             continue
-        # every attempt of this flow run and of the earlier ones: this run may have followed those
-        attempts = set(with_moved_copies(flow_attempts_prompt_ids(spec.prompt_id, attempt, retries + 1)))
-        status = "interrupted" if attempts & interrupted else "cancelled"
+        status = "cancelled"
+        if interrupted and spec.position in started:
+            # every attempt of this flow run and of the earlier ones: this run may have followed those
+            attempts = set(with_moved_copies(flow_attempts_prompt_ids(spec.prompt_id, attempt, retries + 1)))
+            if attempts & interrupted:
+                status = "interrupted"
         outcomes[spec.position] = Stopped(status, f"the run was {reason}")
 
 
@@ -474,8 +486,9 @@ def generate_content(
         retries: retries per generation for transient failures (server or socket gone, 5xx,
             lost prompt, stall); validation and node errors are never retried.
         retry_delay_s: first retry delay in seconds, doubling each time, with jitter.
-        concurrency: generations in flight at once (threads); 0 (default): the sum of the
-            servers' ``max_in_flight``, so every slot of every server is used (at most 256).
+        concurrency: generations in flight at once (threads); 0 (default): ``max_in_flight + 1``
+            summed over the servers, so every slot of every server is used and the next
+            generation is ready when a slot comes back (at most 256).
         max_in_flight: prompts queued or running per server; 0 (default): each server block's own.
         shard_size: with more descriptions than this (e.g. 500), the run becomes a parent that runs
             one child flow run per shard of ``shard_size`` descriptions (through this run's
@@ -610,7 +623,7 @@ def generate_content(
     window = in_flight_window(concurrency, connection)
     logger.info("up to %d generation(s) in flight at once (%s)", window,
                 f"concurrency {concurrency}" if concurrency else
-                f"max_in_flight over {len(connection.connections)} server(s)")
+                f"max_in_flight + 1 over {len(connection.connections)} server(s)")
     generations = _Generations(outcomes, progress, window, settings)
     # Until the report is written: the engine's late records of cancelled task runs too.
     with one_line_failures():
@@ -645,7 +658,7 @@ def generate_content(
             facts.stopped = facts.stopped or connection.stopped_because
             if facts.stopped:
                 generations.harvest(within_s=3.0)
-                _mark_stopped(specs, outcomes, connection, retries, facts.stopped)
+                _mark_stopped(specs, outcomes, connection, retries, facts.stopped, generations.submitted)
             facts.connections_opened = sum(st.connections_opened for st in connection.stats().values())
             facts.reconnects = sum(st.reconnects for st in connection.stats().values())
             facts.servers = connection.urls

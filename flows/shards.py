@@ -26,8 +26,9 @@ description numbers are those of the whole run.
 
 Then the parent writes one report over all shards under the same artifact keys as any run
 (``tasks/report.py``): the table ``{character}-{kind}-generations`` (every shard's rows read back
-from its own table artifact, with a ``shard`` column; at most the rows that did not succeed and
-the last :data:`~comfy_pipeline.tasks.report.TABLE_ROWS` that did), the summary
+from its own table artifact, with a ``shard`` column; at most
+:data:`~comfy_pipeline.tasks.report.TABLE_ROWS` of the rows that did not succeed, failures
+first, and the last as many that did), the summary
 ``{character}-{kind}-summary`` (verdict, failures, one line per shard with a link to its flow
 run, totals, per-server figures) and a progress artifact counting finished shards. The parent ends
 Completed when every shard completed, else Failed with "N of M generations failed in K of S
@@ -60,7 +61,7 @@ from prefect.utilities.urls import url_for
 
 from ..tasks.gallery import kind_text
 from ..tasks.models import GenerationResult
-from ..tasks.report import SUCCEEDED, TABLE_ROWS, artifact_key, table_shown
+from ..tasks.report import SUCCEEDED, artifact_key, table_shown, table_shown_text
 from .descriptions import is_reference
 
 __all__ = ["Shard", "ShardsCannotStart", "ParentCancelled", "plan_shards", "child_parameters",
@@ -568,7 +569,7 @@ def read_shard_rows(client, shards: Sequence[Shard], table_key: str) -> None:
         shard.reported = True
         # a big child's table says "500 of 20000 image generations ...": it does not hold every row
         description = artifact.description or ""
-        shard.table_note = description if re.match(r"\d+ of \d+ ", description) else ""
+        shard.table_note = description if re.match(r"[\d,]+ of [\d,]+ ", description) else ""
 
 
 def _shard_counts(shard: Shard, per_description: int) -> tuple[int, int]:
@@ -718,7 +719,7 @@ def write_shard_report(shards: Sequence[Shard], arguments: dict[str, Any], *, pe
                        stopped: Optional[str] = None) -> list[dict]:
     """Write the parent's table and summary artifacts over every shard's rows (read them first with
     :func:`read_shard_rows`); return every combined row (the table shows at most the rows that did
-    not succeed and the last :data:`TABLE_ROWS` that did, :func:`table_shown`).
+    not succeed, failures first, and the last :data:`TABLE_ROWS` that did, :func:`table_shown`).
 
     Each row is its shard's table row with a ``shard`` column (the shard's number) at its end.
     Must be called inside the parent's flow run (the artifacts attach to it).
@@ -728,8 +729,8 @@ def write_shard_report(shards: Sequence[Shard], arguments: dict[str, Any], *, pe
     shown = table_shown(rows)
     text = kind_text(kind)
     if len(shown) < len(rows):
-        description = (f"{len(shown)} of {len(rows)} rows of the {text} generations for {character} over "
-                       f"{len(shards)} shards: every one that did not succeed and the last {TABLE_ROWS} that did "
+        description = (f"{len(shown):,} of {len(rows):,} rows of the {text} generations for {character} over "
+                       f"{len(shards)} shards: {table_shown_text(rows, shown)} "
                        "(each shard's flow run has its own table).")
     else:
         description = (f"The {text} generations for {character} over {len(shards)} shards: status, durations (s), "

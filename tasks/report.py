@@ -4,8 +4,8 @@
   reader scans them (status, description, variant, seed, total_s, files, error, then the timing
   details, server and prompt_id; an ``image_to_video`` run adds stage and from, see
   :func:`table_rows`); errors on one line of at most :data:`ERROR_CHARS` characters. A big run's
-  table keeps every generation that did not succeed and the last :data:`TABLE_ROWS` that did
-  (:func:`table_shown`); every row, with whole descriptions and errors, is then in a CSV file
+  table keeps at most :data:`TABLE_ROWS` generations that did not succeed (failures first) and the
+  last :data:`TABLE_ROWS` that did (:func:`table_shown`); every row, with whole descriptions and errors, is then in a CSV file
   ``{output_dir}/reports/{table key}-{flow run}.csv`` (:func:`write_table_csv`);
 - markdown ``{character}-{kind}-summary``: the verdict and the failures (full error text; a failed
   image says how many of its videos were skipped), then the totals (wall time, generations per
@@ -44,11 +44,15 @@ from .models import GenerationResult, GenerationSpec
 
 #: The table's error column holds one line of at most this many characters (the summary has it all).
 ERROR_CHARS = 120
-#: The table artifact shows every generation that did not succeed and the last this many that did
-#: (in plan order); a run with more has every row in a CSV file instead (see :func:`write_report`).
+#: The table artifact shows at most this many generations that did not succeed (failures first) and
+#: the last this many that did (in plan order); a run with more has every row in a CSV file instead
+#: (see :func:`write_report`).
 TABLE_ROWS = 500
-#: The statuses of a generation that succeeded (the table's rows of any other status are all shown).
+#: The statuses of a generation that succeeded.
 SUCCEEDED = frozenset({"completed", "cached", "reused"})
+#: The statuses the table shows first when more than :data:`TABLE_ROWS` did not succeed: the ones
+#: with an error to read (not the ``skipped``, ``cancelled`` or ``not run`` rows of a stopped run).
+FAILURES = frozenset({"failed", "interrupted"})
 
 
 @dataclass(frozen=True)
@@ -181,15 +185,29 @@ def error_texts(specs: list[GenerationSpec], outcomes: dict[int, Outcome]) -> li
 
 
 def table_shown(rows: list[dict], last: int = TABLE_ROWS) -> list[dict]:
-    """The rows the table artifact shows, in plan order: every row that did not succeed
-    (``failed``, ``skipped``, ``interrupted``, ``cancelled``, ``not run``: any status but those
-    of :data:`SUCCEEDED`) and the last ``last`` rows that did. ``rows`` itself when that is every
-    row (a run with at most ``last`` successes keeps today's table)."""
+    """The rows the table artifact shows, in plan order: the rows that did not succeed (any
+    status but those of :data:`SUCCEEDED`), at most ``last`` of them (the :data:`FAILURES` first,
+    then the others, each in plan order: a stopped run of 100,000 has 99,000 ``cancelled`` rows),
+    and the last ``last`` rows that did. ``rows`` itself when that is every row (a run with at most
+    ``last`` of each keeps today's table)."""
     succeeded = [i for i, row in enumerate(rows) if row["status"] in SUCCEEDED]
-    if len(succeeded) <= last:
+    others = [i for i, row in enumerate(rows) if row["status"] not in SUCCEEDED]
+    if len(succeeded) <= last and len(others) <= last:
         return rows
-    first_kept = succeeded[-last] if last > 0 else len(rows)
-    return [row for i, row in enumerate(rows) if i >= first_kept or row["status"] not in SUCCEEDED]
+    kept = set(succeeded[-last:] if last > 0 else [])
+    kept.update(sorted(others, key=lambda i: rows[i]["status"] not in FAILURES)[:max(0, last)])
+    return [rows[i] for i in sorted(kept)]
+
+
+def table_shown_text(rows: list[dict], shown: list[dict]) -> str:
+    """What a table of ``shown`` out of ``rows`` (:func:`table_shown`) holds, for its description and
+    the summary: ``"the 3 that did not succeed and the last 500 that did"``, or ``"500 of the
+    99,960 that did not succeed (failures first) and the last 40 that did"``."""
+    problems = sum(1 for r in rows if r["status"] not in SUCCEEDED)
+    problems_shown = sum(1 for r in shown if r["status"] not in SUCCEEDED)
+    first = (f"the {problems_shown:,} that did not succeed" if problems_shown == problems else
+             f"{problems_shown:,} of the {problems:,} that did not succeed (failures first)")
+    return f"{first} and the last {len(shown) - problems_shown:,} that did"
 
 
 def table_csv_path(output_dir: str, table_key: str) -> str:
@@ -274,7 +292,7 @@ class RunFacts:
 
 
 def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
-                     errors: Optional[Sequence[str]] = None, *, shown: Optional[int] = None,
+                     errors: Optional[Sequence[str]] = None, *, shown: Optional[list[dict]] = None,
                      table_csv: Optional[str] = None, table_csv_error: Optional[str] = None) -> str:
     """The markdown summary, in the order a reader needs it: the verdict (and why the run
     stopped, if it did), the failures with their whole error text, the totals (wall time in
@@ -285,7 +303,7 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
     servers' busy time count this attempt's work only: a row ``reused`` from an earlier attempt
     of the flow run has its own count.
 
-    A big run's table shows ``shown`` of the rows (:func:`table_shown`): the totals then say so,
+    A big run's table shows only the rows ``shown`` (:func:`table_shown`): the totals then say so,
     and link ``table_csv``, the CSV file with every row (its absolute path and a ``file://``
     link), or, if it could not be written, say why (``table_csv_error``, one warning line).
 
@@ -365,10 +383,8 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
         f"| files written (this attempt) | {files_written} |",
         f"| output directory | `{os.path.abspath(facts.output_dir)}` |",
     ]
-    if shown is not None and shown < total:
-        kept = sum(1 for r in rows if r["status"] not in SUCCEEDED)
-        lines.append(f"| generations table | {shown} of {total} rows: the {kept} that did not succeed and the "
-                     f"last {shown - kept} that did |")
+    if shown is not None and len(shown) < total:
+        lines.append(f"| generations table | {len(shown):,} of {total:,} rows: {table_shown_text(rows, shown)} |")
     if table_csv:
         lines.append(f"| every row (CSV) | `{table_csv}` ([open]({Path(table_csv).as_uri()})) |")
     if table_csv_error:
@@ -454,10 +470,9 @@ def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], fact
             table_csv = write_table_csv(path, specs, rows, errors)
         except Exception as exc:  # the report (and the run's outcome) goes on without the file
             table_csv_error = f"could not write `{path}`: {describe_error(exc)}"
-        kept = len(shown) - TABLE_ROWS
         where = f"every row is in `{table_csv}`" if table_csv else "the CSV file of every row could not be written"
-        description = (f"{len(shown)} of {len(rows)} {kind} generations for {facts.character}: the {kept} that "
-                       f"did not succeed and the last {TABLE_ROWS} that did, in plan order ({where}). "
+        description = (f"{len(shown):,} of {len(rows):,} {kind} generations for {facts.character}: "
+                       f"{table_shown_text(rows, shown)}, in plan order ({where}). "
                        "Status, durations (s), files, errors.")
     else:
         description = f"Every {kind} generation for {facts.character}: status, durations (s), files, errors."
@@ -465,7 +480,7 @@ def write_report(specs: list[GenerationSpec], outcomes: dict[int, Outcome], fact
     create_markdown_artifact(
         markdown=summary_markdown(rows, facts, sum(
             len(o.files) for p, o in outcomes.items() if isinstance(o, GenerationResult) and p not in reused),
-            errors=errors, shown=len(shown), table_csv=table_csv, table_csv_error=table_csv_error),
+            errors=errors, shown=shown, table_csv=table_csv, table_csv_error=table_csv_error),
         key=artifact_key(facts.character, facts.kind, "summary"),
         description=f"Summary of the {kind} generations for {facts.character}.",
     )

@@ -164,7 +164,7 @@ def test_the_limit_is_created_with_max_in_flight_and_an_existing_limit_is_used_a
         prefect_api, comfy, tmp_path):
     """First use creates comfyui-<block name> with max_in_flight slots; a limit that exists (set to
     1 in the UI, say) is never changed and bounds the run: the peak on the server stays 1 although
-    the block says 4 and the run has 4 threads."""
+    the block says 4 and the run has 5 threads."""
     fresh = saved_server(comfy.url, max_in_flight=3)
     assert limit_name(fresh) == f"comfyui-{fresh._block_document_name}"
     with ConnectionPool.open(fresh):

@@ -5,17 +5,24 @@ an fsspec URL itself. Prefect's local API, the stand-in over real sockets, files
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import uuid
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.settings import PREFECT_API_URL
 
 from comfy_pipeline.blocks.server import ComfyUIServer
 from comfy_pipeline.flows.cli import PREFECT_PARAMETERS_LIMIT_BYTES
 from comfy_pipeline.flows.generate_content import generate_content
 from comfy_pipeline.testing.standin import make_png
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ROOT
 from tests.test_cli import comfy_pipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "no_leaked_threads")
@@ -90,3 +97,51 @@ def test_parameters_prefect_would_refuse_exit_2_in_one_line(comfy, tmp_path):
                          *params, "--output-dir", str(tmp_path / "out"))
     assert out.returncode == 2 and "Prefect accepts at most 512 KB" in out.output
     assert len(out.output) < 2_000 and comfy.requests[("POST", "/prompt")] == 0
+
+
+def test_a_run_of_100_000_descriptions_starts(comfy, tmp_path):
+    """Issue 11: 100,000 descriptions (6 MB) through the CLI. The flow run starts with the file's
+    path as its parameter, reads and plans them all, and its first generations complete; SIGTERM
+    then ends it (143) with the files of the finished ones on disk and our prompts removed."""
+    comfy.execution_time_s = 0.2
+    shots = tmp_path / "shots.txt"
+    shots.write_text("".join(f"shot {n}: a red fox running through a field of tall grass\n"
+                             for n in range(100_000)))
+    assert shots.stat().st_size > 5_000_000
+    out_dir = tmp_path / "out"
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "comfy_pipeline.flows.cli", "run", "--server", comfy.url, "--workflow", SMOKE_IMAGE,
+         "--descriptions", str(shots), "--output-dir", str(out_dir), "--character", "huge"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while len(list(out_dir.rglob("*.png"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(list(out_dir.rglob("*.png"))) >= 3, "the run's first generations never completed"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, output[-3000:]
+    assert len(output) < 20_000  # no payload printed
+    flow_run_id = flow_run_id_in(output)
+    parameters = parameters_of(flow_run_id)
+    assert parameters["descriptions"] == str(shots) and len(json.dumps(parameters)) < 100_000
+    files = len(list(out_dir.rglob("*.png")))
+    assert files >= 3
+    assert comfy.queue_snapshot()["queue_pending"] == []  # what was queued was removed
+    # the report was written before the exit, and stays small: the CSV has every row
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(flow_run_id)])))
+    artifacts = {a.key: a for a in found}
+    summary = artifacts["huge-image-summary"].data
+    assert "**The run was stopped: terminated" in summary, summary[:2000]
+    table = artifacts["huge-image-generations"]
+    assert "of 100,000 image generations for huge: 500 of the" in table.description
+    assert len(json.dumps(table.data)) < 400_000
+    (csv_file,) = (out_dir / "reports").iterdir()
+    assert sum(1 for _ in csv_file.open()) == 100_001

@@ -120,6 +120,36 @@ def test_every_status_that_is_not_a_success_is_kept():
     assert {r["status"] for r in shown[6:]} == {"completed", "reused"}
 
 
+def test_a_stopped_run_keeps_at_most_table_rows_that_did_not_succeed_failures_first(monkeypatch, tmp_path):
+    """A run of 3,000 stopped after 40: 2,955 cancelled rows, 5 failed ones among them. The table
+    shows the 5 failures, 495 cancelled ones and the 40 that succeeded, in plan order; the CSV has
+    every row; the summary and the table's description say what was left out."""
+    specs = _plan(3000)
+    failed = {41, 900, 1500, 2000, 2999}
+    stopped = {p: Stopped("cancelled", "the run was terminated") for p in range(41, 3001) if p not in failed}
+    outcomes = _outcomes(specs, failed=failed, stopped=stopped)
+    rows = table_rows(specs, outcomes)
+    shown = table_shown(rows)
+    assert len(shown) == 40 + TABLE_ROWS
+    positions = [int(r["prompt_id"][1:]) + 1 for r in shown]
+    assert positions == sorted(positions)  # plan order
+    assert [p for p, r in zip(positions, shown) if r["status"] == "failed"] == sorted(failed)
+    cancelled = [p for p, r in zip(positions, shown) if r["status"] == "cancelled"]
+    assert cancelled == [p for p in range(42, 3001) if p not in failed][:TABLE_ROWS - 5]
+    assert [r["status"] for r in shown[:40]] == ["completed"] * 40
+
+    made = _capture(monkeypatch)
+    assert report.write_report(specs, outcomes, _facts(tmp_path)) == rows
+    assert made["alice-image-generations"]["table"] == shown
+    assert "540 of 3,000 image generations for alice: 500 of the 2,960 that did not succeed (failures first) " \
+           "and the last 40 that did" in made["alice-image-generations"]["description"]
+    summary = made["alice-image-summary"]["markdown"]
+    assert "| generations table | 540 of 3,000 rows: 500 of the 2,960 that did not succeed (failures first) " \
+           "and the last 40 that did |" in summary
+    (path,) = (tmp_path / "reports").iterdir()
+    assert len(_read_csv(path)) == 3000
+
+
 def test_a_run_with_at_most_table_rows_successes_keeps_every_row():
     specs = _plan(TABLE_ROWS + 3)
     rows = table_rows(specs, _outcomes(specs, failed={1, 2, 3}))
@@ -221,11 +251,11 @@ def test_a_big_run_in_a_flow_run_has_a_short_table_and_the_csv_linked_from_the_s
     assert len(written) == 2000
     assert [r["error"] for r in written if r["status"] == "failed"] == [f"RuntimeError: {LONG_ERROR}"] * 3
 
-    assert table.description.startswith("503 of 2000 image generations for alice: the 3 that did not succeed and "
+    assert table.description.startswith("503 of 2,000 image generations for alice: the 3 that did not succeed and "
                                         f"the last {TABLE_ROWS} that did, in plan order (every row is in `{path}`)")
     summary = artifacts["alice-image-summary"].data
     assert f"| every row (CSV) | `{path}` ([open]({path.as_uri()})) |" in summary
-    assert f"| generations table | 503 of 2000 rows: the 3 that did not succeed and the last {TABLE_ROWS} that did |" \
+    assert f"| generations table | 503 of 2,000 rows: the 3 that did not succeed and the last {TABLE_ROWS} that did |" \
         in summary
     assert "**1997 of 2000 generations succeeded**, 3 failed." in summary
     gallery = artifacts["alice-image-gallery"].data
