@@ -46,6 +46,13 @@ API_TIMEOUT_S = 10.0
 QUICK_TRIES, QUICK_DELAY_S = 5, 0.02
 _AGAIN = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ReadError, httpx.WriteError,
           httpx.RemoteProtocolError)  # e.g. a kept-alive connection the server had closed
+#: Calls taking a slot that one flow run has under way at once. One: a Prefect server on SQLite
+#: answers 503 to writes that collide, so 32 takes at a run's start, made together, took about
+#: 1.1 s with their quick retries (16 stand-ins, ``bench/fleet.py``: makespan / ideal 1.06-1.10),
+#: and one after the other about 0.3 s (1.02-1.045; 2 or 4 at once: 1.04-1.054). It bounds the prompts
+#: a run can start to one per round trip to the API (20 per second at 50 ms), far more than
+#: GPUs running real models finish.
+TAKES_AT_ONCE = 1
 #: Seconds the API may answer nothing but "busy" (429/502/503/504) before sharing is turned off.
 BUSY_GIVE_UP_S = 60.0
 
@@ -92,6 +99,7 @@ class SharedSlots:
         self._held: dict[UUID, str] = {}  # lease id -> limit name, until the server has it back
         self._giving_back: list[UUID] = []  # given back by their prompts, for the lease thread
         self._calls = 0  # takes under way (close() waits for them)
+        self._taking = threading.BoundedSemaphore(TAKES_AT_ONCE)
         self._busy_since: Optional[float] = None  # monotonic time of the first "busy" since a success
         self._closed = False
         #: why sharing was turned off after open (the API failed), else None
@@ -175,7 +183,8 @@ class SharedSlots:
             body = {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": self.lease_s}
             if self._holder is not None:
                 body["holder"] = self._holder.model_dump(mode="json")
-            answer = self._post("/v2/concurrency_limits/increment-with-lease", body).json()
+            with self._taking:  # one take at a time, see TAKES_AT_ONCE
+                answer = self._post("/v2/concurrency_limits/increment-with-lease", body).json()
             lease_id = UUID(str(answer["lease_id"]))
             seen = {limit["name"]: limit["limit"] for limit in answer.get("limits", [])}
         except httpx.HTTPStatusError as exc:

@@ -39,6 +39,23 @@ def test_entry_point_is_installed():
     assert out.returncode == 0 and "run" in out.stdout and "check" in out.stdout
 
 
+def test_flow_run_heartbeats_are_off_only_under_prefects_temporary_api():
+    """Without PREFECT_API_URL no one can read a heartbeat (the temporary API stops with the
+    command), and each costs up to 1 s at the run's end; with a Prefect server they are kept."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from comfy_pipeline.flows.cli_support import without_heartbeats_on_temporary_api
+
+    with temporary_settings(updates={PREFECT_API_URL: None, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
+        with without_heartbeats_on_temporary_api():
+            assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 60
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api",
+                                     PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
+        with without_heartbeats_on_temporary_api():
+            assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 60
+
+
 def test_descriptions_file_skips_blanks_and_comments(tmp_path):
     f = tmp_path / "d.txt"
     f.write_text("# campaign\na fox\n\n  a bird  \n#x\n", encoding="utf-8")
