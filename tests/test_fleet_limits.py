@@ -274,11 +274,28 @@ time.sleep(600)
 """
 
 
+def _answers(process: subprocess.Popen, url: str) -> bool:
+    """Wait for the Prefect server ``process`` to answer at ``url`` (90 s at most); False when it
+    exited first (e.g. its port was taken meanwhile)."""
+    deadline = time.monotonic() + 90
+    while process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            pytest.fail("the Prefect server did not answer within 90 s")
+        time.sleep(0.2)
+    return False
+
+
 @pytest.fixture
 def prefect_server(tmp_path):
     """A Prefect server of this test's own (not ephemeral: it runs the repossessor, every 0.5 s),
     keeping leases LEASE_SCALE of their time; yields its API URL."""
-    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_UI_ENABLED="0",
                PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
                PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="tests.test_fleet_limits",
@@ -286,21 +303,17 @@ def prefect_server(tmp_path):
                PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false", PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false",
                PREFECT_SERVER_SERVICES_FOREMAN_ENABLED="false", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-                                "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"],
-                               cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}/api"
+    for _ in range(3):  # a free port may be taken by another process before the server binds it
+        port = free_port()
+        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory",
+                                    "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+                                    str(port), "--log-level", "error"], cwd=ROOT, env=env)
+        url = f"http://127.0.0.1:{port}/api"
+        if _answers(process, url):
+            break
+    else:
+        pytest.fail("the Prefect server did not start (3 ports tried)")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, "the Prefect server did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the Prefect server did not answer within 90 s"
-            time.sleep(0.2)
         yield url
     finally:
         process.terminate()
