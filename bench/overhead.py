@@ -11,9 +11,9 @@ Run from the repository root:
 Every measurement runs in a child process of its own (so its peak RSS is that of one flow run
 and nothing else), calling ``generate_content`` directly as the CLI does (the flow's own defaults:
 ``max_in_flight`` 2 and 3 generations in flight, 2 retries; no flow-run heartbeats, which the CLI
-turns off under the temporary API: ``--heartbeats`` keeps them) against Prefect's temporary API (no ``PREFECT_API_URL``; a fresh
-``PREFECT_HOME`` per child, so a fresh SQLite database; the API is started by a 2-generation
-warm-up run that is not timed). A child that runs past ``--budget`` seconds is killed and the
+turns off under the temporary API: ``--heartbeats`` keeps them) against Prefect's temporary API
+(no ``PREFECT_API_URL``; a fresh ``PREFECT_HOME`` per child, so a fresh SQLite database; the API
+is started by a 2-generation warm-up run that is not timed). A child that runs past ``--budget`` seconds is killed and the
 parent reports how far it got (files written, the child's peak RSS so far).
 
 rate     N generations (``--generations``, default 2,000) at T = 0 on one stand-in ComfyUI in
