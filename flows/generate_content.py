@@ -350,16 +350,21 @@ def _cancel_requested() -> bool:
 def _mark_stopped(specs, outcomes: dict, connection: ConnectionPool, retries: int, reason: str,
                   started: Container[int]) -> None:
     """Generations without an outcome when the run stopped: ``interrupted`` if ComfyUI was
-    running one of their prompts (close() interrupted it), else ``cancelled``. Only those whose
-    task ``started`` (positions) in this attempt can have had a prompt of this connection: the
-    prompt ids of the others are not worked out (a stopped run of 100,000 has 99,000 of them)."""
+    running one of their prompts (close() interrupted it), ``cancelled`` if their task had
+    ``started`` (positions) in this attempt (queued on the server and deleted, or waiting for a
+    slot), else ``not run`` (still waiting in the flow: never sent). Only the started ones can have
+    had a prompt of this connection: the prompt ids of the others are not worked out (a stopped
+    run of 100,000 has 99,000 of them)."""
     interrupted = connection.interrupted_prompts
     attempt = flow_attempt()
     for spec in specs:
         if spec.position in outcomes:
             continue
+        if spec.position not in started:
+            outcomes[spec.position] = Stopped("not run", f"the run was {reason} before it was sent")
+            continue
         status = "cancelled"
-        if interrupted and spec.position in started:
+        if interrupted:
             # every attempt of this flow run and of the earlier ones: this run may have followed those
             attempts = set(with_moved_copies(flow_attempts_prompt_ids(spec.prompt_id, attempt, retries + 1)))
             if attempts & interrupted:

@@ -468,17 +468,27 @@ def _wait_before_retry(connection: ConnectionPool, settings: GenerationSettings,
 def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: GenerationSpec,
               settings: GenerationSettings, progress: _ProgressLog, rerun: int = 0) -> GenerationResult:
     logger = progress.logger
+    # total_s runs from the moment the generation got a slot on a server (its prompt is made for
+    # that server): the time it waited in the pool for a slot is not its own (a run keeps one more
+    # generation in flight per server than the server's slots)
     began = time.monotonic()
+    slot_taken = False
     bound: dict[str, str] = {}  # each input image's value on the server that runs the prompt
+    rendered = None if spec.inputs else workflow.render(workflow_params(spec, settings))
 
     def prompt_for(server: ComfyUIConnection) -> dict:
+        nonlocal began, slot_taken
+        if not slot_taken:  # the first server's slot (a moved prompt keeps its first time)
+            began, slot_taken = time.monotonic(), True
+        if rendered is not None:
+            return rendered
         values = {name: server.input_images.value(image, settings.upload_subfolder)
                   for name, image in spec.inputs.items()}
         bound.clear()
         bound.update(values)
         return workflow.render(workflow_params(spec, settings, values))
 
-    prompt = prompt_for if spec.inputs else workflow.render(workflow_params(spec, settings))
+    prompt = prompt_for
     finished_key = f"{spec.prompt_id}/{rerun}"
     known = connection.finished_outputs(finished_key)
     if known is not None:  # an earlier attempt's prompt finished; only its downloads failed

@@ -84,8 +84,9 @@ class GenerationResult(BaseModel):
     """A finished generation.
 
     Durations are seconds: ``queued_s`` from submit to ``execution_start``, ``execution_s``
-    from there to completion, ``download_s`` for all ``/view`` downloads, ``total_s`` for
-    the whole task. ``cached`` is True when ComfyUI served every node from its cache.
+    from there to completion, ``download_s`` for all ``/view`` downloads, ``total_s`` from the
+    slot taken on a server (uploads, queue, execution, downloads; not the wait for a free slot)
+    to the last file saved. ``cached`` is True when ComfyUI served every node from its cache.
     """
 
     kind: Kind = Field(description="What this generation made: image or video (the flow run's kind, except "

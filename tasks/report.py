@@ -61,8 +61,9 @@ class Stopped:
     never ran because the generation it starts from failed.
 
     ``status`` is ``interrupted`` (ComfyUI was running its prompt, which was interrupted by
-    ``prompt_id``), ``cancelled`` (queued on the server and deleted, or never submitted),
-    ``not run`` (ComfyUI refused the workflow itself for another generation) or ``skipped``
+    ``prompt_id``), ``cancelled`` (queued on the server and deleted, or waiting for a slot),
+    ``not run`` (never sent: the run stopped before it started, or ComfyUI refused the workflow
+    itself for another generation) or ``skipped``
     (a video of an ``image_to_video`` run whose image failed; never submitted).
     """
 
@@ -337,9 +338,11 @@ def summary_markdown(rows: list[dict], facts: RunFacts, files_written: int = 0,
                      f"{sum(r['stage'] == 'video' for r in good)} of {sum(r['stage'] == 'video' for r in rows)})")
     lines = [f"# {facts.character}: {kind_text(facts.kind)} generations", ""]
     if facts.stopped:
+        never_sent = by_status.get("not run", 0)
         lines += [f"**The run was stopped: {facts.stopped}.** Prompts still queued or running were "
                   f"removed from the server: {by_status.get('interrupted', 0)} interrupted while "
-                  f"running, {by_status.get('cancelled', 0)} cancelled before they ran.", ""]
+                  f"running, {by_status.get('cancelled', 0)} cancelled before they ran"
+                  + (f"; {never_sent:,} generation(s) were never sent (not run)." if never_sent else "."), ""]
     lines.append(headline + ".")
     if facts.fatal_error:
         lines += ["", "## The run could not proceed", "", facts.fatal_error]

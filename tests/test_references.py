@@ -140,6 +140,8 @@ def test_a_run_of_100_000_descriptions_starts(comfy, tmp_path):
     artifacts = {a.key: a for a in found}
     summary = artifacts["huge-image-summary"].data
     assert "**The run was stopped: terminated" in summary, summary[:2000]
+    # the generations still waiting in the flow were never sent: not run, not "cancelled" on the server
+    assert re.search(r"; (9\d,\d{3}) generation\(s\) were never sent \(not run\)\.", summary), summary[:2000]
     table = artifacts["huge-image-generations"]
     assert "of 100,000 image generations for huge: 500 of the" in table.description
     assert len(json.dumps(table.data)) < 400_000
