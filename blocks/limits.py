@@ -168,7 +168,8 @@ class SharedSlots:
 
         Returns:
             the :class:`Lease` (give it back with :meth:`give_back`); None when the limit is full
-            (HTTP 423; also a limit of 0 slots) or this object is closed; a lease that counts
+            (HTTP 423; also a limit of 0 slots), this object is closed, or the takes before this
+            one kept it waiting ``API_TIMEOUT_S`` (one at a time, ``TAKES_AT_ONCE``); a lease that counts
             nothing (``lease_id`` None) once sharing is off. Never raises for the API's failures:
             they turn sharing off, with one warning.
         """
@@ -177,14 +178,30 @@ class SharedSlots:
                 return None
             if self.off:
                 return Lease(name, None)
-            self._calls += 1
+        # One take at a time (TAKES_AT_ONCE). A take waiting for its turn is not one close() waits
+        # for, and it looks again whether the pool was closed or sharing turned off meanwhile
+        # (e.g. the take before it timed out): it never makes a call then.
+        if not self._taking.acquire(timeout=API_TIMEOUT_S):
+            return None  # the API is slow: as if full, asked again soon
+        try:
+            with self._lock:
+                if self._closed:
+                    return None
+                if self.off:
+                    return Lease(name, None)
+                self._calls += 1
+            return self._take(name)
+        finally:
+            self._taking.release()
+
+    def _take(self, name: str) -> Optional[Lease]:
+        """:meth:`try_take`'s call to the API, counted in ``_calls`` (which it gives back)."""
         lease_id, seen = None, {}
         try:
             body = {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": self.lease_s}
             if self._holder is not None:
                 body["holder"] = self._holder.model_dump(mode="json")
-            with self._taking:  # one take at a time, see TAKES_AT_ONCE
-                answer = self._post("/v2/concurrency_limits/increment-with-lease", body).json()
+            answer = self._post("/v2/concurrency_limits/increment-with-lease", body).json()
             lease_id = UUID(str(answer["lease_id"]))
             seen = {limit["name"]: limit["limit"] for limit in answer.get("limits", [])}
         except httpx.HTTPStatusError as exc:

@@ -50,17 +50,20 @@ from .form import ServerParameter, WorkflowParameter
 MAX_CONCURRENCY = 256
 
 
-def in_flight_window(concurrency: int, connection: ConnectionPool) -> int:
+def in_flight_window(concurrency: int, connection: ConnectionPool, *, spare: bool = True) -> int:
     """How many generations the run keeps in flight (each holds a thread while it waits): the
     ``concurrency`` asked for, else (0) ``max_in_flight + 1`` summed over the servers the run
-    uses; at most :data:`MAX_CONCURRENCY`.
+    uses (``max_in_flight`` without ``spare``); at most :data:`MAX_CONCURRENCY`.
 
     The one more per server is ready to take a slot the moment a prompt gives it back: a prompt
     gives its slot back once its outputs are listed, and its generation then still downloads the
     files and ends its task run. Without it, a server's next prompt waits for that (measured with
     ``bench/overhead.py`` at T = 0 on one server: 45 generations per second with 2, 62 with 3); it
-    never puts more than ``max_in_flight`` of our prompts on a server, the slots do not allow it."""
-    slots = sum(c.max_in_flight + 1 for c in connection.connections)
+    never puts more than ``max_in_flight`` of our prompts on a server, the slots do not allow it.
+    An image-to-video run has no spare (``spare=False``): the spare would be an image already
+    waiting for the slot that a finished image gives back, taking it before that image's video
+    is even submitted (the video must go first)."""
+    slots = sum(c.max_in_flight + int(spare) for c in connection.connections)
     return max(1, min(concurrency or slots, MAX_CONCURRENCY))
 
 
@@ -493,7 +496,8 @@ def generate_content(
         retry_delay_s: first retry delay in seconds, doubling each time, with jitter.
         concurrency: generations in flight at once (threads); 0 (default): ``max_in_flight + 1``
             summed over the servers, so every slot of every server is used and the next
-            generation is ready when a slot comes back (at most 256).
+            generation is ready when a slot comes back (at most 256; ``max_in_flight`` alone in
+            an ``image_to_video`` run, whose videos go first).
         max_in_flight: prompts queued or running per server; 0 (default): each server block's own.
         shard_size: with more descriptions than this (e.g. 500), the run becomes a parent that runs
             one child flow run per shard of ``shard_size`` descriptions (through this run's
@@ -625,10 +629,11 @@ def generate_content(
     facts.client_id = ", ".join(c.client_id for c in connection.connections)
     facts.notes += [f"Server {url} was left out: {why}"
                     for url, why in {**connection.unreachable, **connection.left_out}.items()]
-    window = in_flight_window(concurrency, connection)
+    spare = video_template is None  # see in_flight_window
+    window = in_flight_window(concurrency, connection, spare=spare)
     logger.info("up to %d generation(s) in flight at once (%s)", window,
                 f"concurrency {concurrency}" if concurrency else
-                f"max_in_flight + 1 over {len(connection.connections)} server(s)")
+                f"max_in_flight{' + 1' if spare else ''} over {len(connection.connections)} server(s)")
     generations = _Generations(outcomes, progress, window, settings)
     # Until the report is written: the engine's late records of cancelled task runs too.
     with one_line_failures():

@@ -203,12 +203,15 @@ def table_shown(rows: list[dict], last: int = TABLE_ROWS) -> list[dict]:
 def table_shown_text(rows: list[dict], shown: list[dict]) -> str:
     """What a table of ``shown`` out of ``rows`` (:func:`table_shown`) holds, for its description and
     the summary: ``"the 3 that did not succeed and the last 500 that did"``, or ``"500 of the
-    99,960 that did not succeed (failures first) and the last 40 that did"``."""
+    99,960 that did not succeed (failures first) and the 40 that did"``."""
     problems = sum(1 for r in rows if r["status"] not in SUCCEEDED)
     problems_shown = sum(1 for r in shown if r["status"] not in SUCCEEDED)
+    successes, successes_shown = len(rows) - problems, len(shown) - problems_shown
     first = (f"the {problems_shown:,} that did not succeed" if problems_shown == problems else
              f"{problems_shown:,} of the {problems:,} that did not succeed (failures first)")
-    return f"{first} and the last {len(shown) - problems_shown:,} that did"
+    if not successes:
+        return f"{first}; none succeeded"
+    return f"{first} and the {'last ' if successes_shown < successes else ''}{successes_shown:,} that did"
 
 
 def table_csv_path(output_dir: str, table_key: str) -> str:

@@ -9,6 +9,7 @@ was asked (60 s -> 3 s) and a killed holder's slot comes back within seconds.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -452,3 +453,69 @@ def test_a_prefect_server_without_leases_one_warning_and_per_run_slots(comfy):
     assert len(results) == 5 and pool.shared is not None and pool.shared.off
     assert len(warnings) == 1 and "no longer shared" in warnings[0] and "404" in warnings[0], warnings
     assert comfy.max_in_flight == 2
+
+
+class SlowLeasesServer(BaseHTTPRequestHandler):
+    """A Prefect API that answers a take (increment-with-lease) after ``DELAY_S``; records the takes
+    it got and the leases still held (given back with decrement-with-lease)."""
+
+    DELAY_S = 2.0
+    takes: list = []
+    active: set = set()
+
+    def do_GET(self):  # noqa: N802 - /csrf-token: not on this server
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.endswith("/increment-with-lease"):
+            SlowLeasesServer.takes.append(time.monotonic())
+            time.sleep(self.DELAY_S)
+            lease_id = str(uuid.uuid4())
+            SlowLeasesServer.active.add(lease_id)
+            answer = f'{{"lease_id": "{lease_id}", "limits": [{{"name": "slow", "limit": 8}}]}}'.encode()
+        else:
+            if self.path.endswith("/decrement-with-lease"):
+                SlowLeasesServer.active.discard(json.loads(body)["lease_id"])
+            answer = b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_takes_waiting_their_turn_make_no_call_once_the_slots_are_closed():
+    """Takes go one at a time (TAKES_AT_ONCE). With the API slow to answer and four generations
+    taking at once, close() (the run stopped) waits only for the take under way: the three waiting
+    their turn make no call, get no slot, and no lease is left on the server."""
+    SlowLeasesServer.takes, SlowLeasesServer.active = [], set()
+    api = ThreadingHTTPServer(("127.0.0.1", 0), SlowLeasesServer)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    try:
+        with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{api.server_address[1]}/api"}):
+            client = get_client(sync_client=True, httpx_settings={"timeout": 10.0})
+            client.__enter__()
+            shared = SharedSlots(client, {"slow": 8})
+            got: list = []
+            takers = [threading.Thread(target=lambda: got.append(shared.try_take("slow"))) for _ in range(4)]
+            for taker in takers:
+                taker.start()
+            time.sleep(0.5)
+            closing = time.monotonic()
+            shared.close()
+            closed_in = time.monotonic() - closing
+            for taker in takers:
+                taker.join(10)
+    finally:
+        api.shutdown()
+        api.server_close()
+    assert len(SlowLeasesServer.takes) == 1  # the others never called
+    assert closed_in < SlowLeasesServer.DELAY_S + 1.0, closed_in
+    assert sorted(lease is None for lease in got) == [False, True, True, True]  # one slot, given back
+    assert SlowLeasesServer.active == set()

@@ -199,3 +199,17 @@ def test_videos_never_go_ahead_of_another_clients_queued_prompts(comfy, tmp_path
     order = ["theirs" if "someone else's prompt" in e["strings"] else "ours"
              for e in sorted(comfy.executions, key=lambda e: e["started"])]
     assert order == ["ours", "theirs", "theirs", "ours"]
+
+
+def test_on_one_slot_each_video_runs_right_after_its_own_image(comfy, tmp_path):
+    """One server with max_in_flight=1: the order is image 1, its video, image 2, its video, ...
+    A run that kept a spare generation in flight would have the next image already waiting for
+    the slot a finished image gives back, taking it before that image's video is submitted."""
+    comfy.execution_time_s = 0.3
+    state = generate_content(server=ComfyUIServer(url=comfy.url, max_in_flight=1), kind="image_to_video",
+                             descriptions=["a", "b", "c", "d"], workflow=SMOKE_IMAGE, video_workflow=IMG2VIDEO,
+                             character="Alice", output_dir=str(tmp_path / "out"), return_state=True)
+    assert state.is_completed(), state.message
+    stage_of = {r.prompt_id: f"{r.kind[0]}{r.index}" for r in state.result()}
+    order = [stage_of[e["prompt_id"]] for e in sorted(comfy.executions, key=lambda e: e["started"])]
+    assert order == ["i0", "v0", "i1", "v1", "i2", "v2", "i3", "v3"]

@@ -142,12 +142,22 @@ def test_a_stopped_run_keeps_at_most_table_rows_that_did_not_succeed_failures_fi
     assert report.write_report(specs, outcomes, _facts(tmp_path)) == rows
     assert made["alice-image-generations"]["table"] == shown
     assert "540 of 3,000 image generations for alice: 500 of the 2,960 that did not succeed (failures first) " \
-           "and the last 40 that did" in made["alice-image-generations"]["description"]
+           "and the 40 that did" in made["alice-image-generations"]["description"]
     summary = made["alice-image-summary"]["markdown"]
     assert "| generations table | 540 of 3,000 rows: 500 of the 2,960 that did not succeed (failures first) " \
-           "and the last 40 that did |" in summary
+           "and the 40 that did |" in summary
     (path,) = (tmp_path / "reports").iterdir()
     assert len(_read_csv(path)) == 3000
+
+
+def test_the_table_text_says_what_was_left_out_and_nothing_else():
+    specs = _plan(1200)
+    none_succeeded = table_rows(specs, _outcomes(specs, failed=set(range(1, 1201))))
+    assert report.table_shown_text(none_succeeded, table_shown(none_succeeded)) == \
+        "500 of the 1,200 that did not succeed (failures first); none succeeded"
+    few_succeeded = table_rows(specs, _outcomes(specs, failed=set(range(21, 1201))))
+    assert report.table_shown_text(few_succeeded, table_shown(few_succeeded)) == \
+        "500 of the 1,180 that did not succeed (failures first) and the 20 that did"
 
 
 def test_a_run_with_at_most_table_rows_successes_keeps_every_row():
