@@ -62,6 +62,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench.fleet import count_files
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "examples" / "workflows" / "smoke_image.json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -219,13 +221,6 @@ def flow_run_times(state) -> tuple[float | None, float | None]:
     start = run.start_time.timestamp() if run.start_time else None
     end = run.end_time.timestamp() if run.end_time else None
     return start, end
-
-
-def count_files(out: Path) -> int:
-    count = 0
-    for _, _, files in os.walk(out):
-        count += len(files)
-    return count
 
 
 ABLATIONS = {
@@ -646,10 +641,10 @@ def run_child(mode: str, args, extra: list[str], expected_files: int) -> dict:
             elapsed = time.monotonic() - started
             if time.monotonic() - last_report >= 30:
                 last_report = time.monotonic()
-                print(f"  [{mode}] {elapsed:.0f} s: {count_files(out) if out.exists() else 0} of "
+                print(f"  [{mode}] {elapsed:.0f} s: {count_files(out)} of "
                       f"{expected_files} files, peak RSS {peak:.0f} MB", flush=True)
             if elapsed > args.budget:
-                files = count_files(out) if out.exists() else 0
+                files = count_files(out)
                 os.killpg(child.pid, signal.SIGKILL)  # the child's session: it, its stand-in, its API server
                 child.wait()
                 shutil.rmtree(out, ignore_errors=True)  # 20,000 files of 200 kB: keep only the log

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,23 +35,10 @@ import websocket
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.overhead import peak_rss_mb  # noqa: E402
 from tests.standin import StandInComfyUI  # noqa: E402
 
 WORKFLOW = ROOT / "examples" / "workflows" / "smoke_image.json"
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB (VmHWM: unlike ru_maxrss, it does not carry
-    over the parent's peak into a child started with fork + exec)."""
-    fallback = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:  # not Linux
-        return fallback
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return fallback
 
 
 def standins(count: int, t: float, latency: float, size: int) -> list[StandInComfyUI]:

@@ -471,15 +471,15 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
     # total_s runs from the moment the generation got a slot on a server (its prompt is made for
     # that server): the time it waited in the pool for a slot is not its own (a run keeps one more
     # generation in flight per server than the server's slots)
-    began = time.monotonic()
-    slot_taken = False
+    task_began = time.monotonic()
+    slot_taken_at: Optional[float] = None
     bound: dict[str, str] = {}  # each input image's value on the server that runs the prompt
     rendered = None if spec.inputs else workflow.render(workflow_params(spec, settings))
 
     def prompt_for(server: ComfyUIConnection) -> dict:
-        nonlocal began, slot_taken
-        if not slot_taken:  # the first server's slot (a moved prompt keeps its first time)
-            began, slot_taken = time.monotonic(), True
+        nonlocal slot_taken_at
+        if slot_taken_at is None:  # the first server's slot (a moved prompt keeps its first time)
+            slot_taken_at = time.monotonic()
         if rendered is not None:
             return rendered
         values = {name: server.input_images.value(image, settings.upload_subfolder)
@@ -488,7 +488,6 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
         bound.update(values)
         return workflow.render(workflow_params(spec, settings, values))
 
-    prompt = prompt_for
     finished_key = f"{spec.prompt_id}/{rerun}"
     known = connection.finished_outputs(finished_key)
     if known is not None:  # an earlier attempt's prompt finished; only its downloads failed
@@ -497,7 +496,7 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
         logger.info("%s: prompt %s already finished on %s; downloading its files again", progress.prefix,
                     outcome.prompt_id, server.url)
     else:
-        outcome, refs, server = _run_or_reattach(connection, prompt, spec, settings, progress, rerun)
+        outcome, refs, server = _run_or_reattach(connection, prompt_for, spec, settings, progress, rerun)
         # Kept until the files are saved: a task retry downloads them again instead of asking the
         # server's /history about the prompt (a restart wipes it; the files stay).
         connection.remember_finished(finished_key, (outcome, refs, server, dict(bound)))
@@ -531,7 +530,7 @@ def _generate(connection: ConnectionPool, workflow: ComfyUIWorkflow, spec: Gener
                                 animated=ref.animated))
     download_s = time.monotonic() - download_began
     connection.forget_finished(finished_key)
-    total_s = time.monotonic() - began
+    total_s = time.monotonic() - (slot_taken_at if slot_taken_at is not None else task_began)
     logger.info(
         "%s: done in %.1f s, %d file(s), %d bytes (queued %.1f s, executing %.1f s, download %.1f s)%s",
         progress.prefix, total_s, len(files), sum(f.bytes for f in files),

@@ -5,8 +5,8 @@
   details, server and prompt_id; an ``image_to_video`` run adds stage and from, see
   :func:`table_rows`); errors on one line of at most :data:`ERROR_CHARS` characters. A big run's
   table keeps at most :data:`TABLE_ROWS` generations that did not succeed (failures first) and the
-  last :data:`TABLE_ROWS` that did (:func:`table_shown`); every row, with whole descriptions and errors, is then in a CSV file
-  ``{output_dir}/reports/{table key}-{flow run}.csv`` (:func:`write_table_csv`);
+  last :data:`TABLE_ROWS` that did (:func:`table_shown`); every row, with whole descriptions and
+  errors, is then in a CSV file ``{output_dir}/reports/{table key}-{flow run}.csv`` (:func:`write_table_csv`);
 - markdown ``{character}-{kind}-summary``: the verdict and the failures (full error text; a failed
   image says how many of its videos were skipped), then the totals (wall time, generations per
   minute, connection facts, the CSV file of a big run), then the servers;
